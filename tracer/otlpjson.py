@@ -1,0 +1,235 @@
+"""OTLP-JSON: the OpenTelemetry file format (one ExportTraceServiceRequest per line).
+
+One reader and one writer shared by every stage that touches span files: the in-process
+emitter (which runs inside targets, so this module stays importable on Python 3.9 with no
+third-party packages), the tracer's file exporter, parity and the reports.
+
+Wire rules followed (OTLP/JSON spec): trace and span ids are lowercase hex, 64-bit integers
+are decimal strings, enums are integers, attribute values are AnyValue objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
+SPAN_KIND_INTERNAL = 1
+
+
+class OtlpJsonError(ValueError):
+    """A line that is not valid OTLP-JSON; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class SpanEvent:
+    name: str
+    time_ns: int
+    attributes: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "time_ns": self.time_ns, "attributes": dict(self.attributes)}
+
+
+@dataclass(frozen=True)
+class Span:
+    trace_id: str
+    span_id: str
+    parent_span_id: str  # "" for a root
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: Dict[str, Any] = field(default_factory=dict)
+    events: Tuple[SpanEvent, ...] = ()
+    status_code: int = STATUS_UNSET
+    status_message: str = ""
+    resource: Dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def thread_id(self) -> Optional[int]:
+        tid = self.attributes.get("thread.id")
+        return int(tid) if tid is not None else None
+
+    def to_dict(self) -> dict:
+        return {
+            "trace_id": self.trace_id, "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id, "name": self.name,
+            "start_ns": self.start_ns, "end_ns": self.end_ns,
+            "attributes": dict(self.attributes),
+            "events": [e.to_dict() for e in self.events],
+            "status_code": self.status_code, "status_message": self.status_message,
+            "resource": dict(self.resource), "scope": self.scope,
+        }
+
+
+# ---- encoding -------------------------------------------------------------------------
+
+def any_value(v: Any) -> dict:
+    # bool before int: bool is an int subclass.
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        return {"intValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    if isinstance(v, (list, tuple)):
+        return {"arrayValue": {"values": [any_value(x) for x in v]}}
+    if v is None:
+        return {}
+    return {"stringValue": str(v)}
+
+
+def key_values(attrs: Dict[str, Any]) -> List[dict]:
+    return [{"key": k, "value": any_value(v)} for k, v in attrs.items()]
+
+
+def span_to_otlp(s: Span) -> dict:
+    out: Dict[str, Any] = {
+        "traceId": s.trace_id,
+        "spanId": s.span_id,
+        "name": s.name,
+        "kind": SPAN_KIND_INTERNAL,
+        "startTimeUnixNano": str(s.start_ns),
+        "endTimeUnixNano": str(s.end_ns),
+        "attributes": key_values(s.attributes),
+        "events": [
+            {"timeUnixNano": str(e.time_ns), "name": e.name, "attributes": key_values(e.attributes)}
+            for e in s.events
+        ],
+        "status": {"code": s.status_code, **({"message": s.status_message} if s.status_message else {})},
+    }
+    if s.parent_span_id:
+        out["parentSpanId"] = s.parent_span_id
+    return out
+
+
+def encode_request(spans: Iterable[Span], resource: Dict[str, Any], scope: str,
+                   scope_version: str = "") -> dict:
+    """One ExportTraceServiceRequest holding spans that share a resource and a scope."""
+    return {
+        "resourceSpans": [{
+            "resource": {"attributes": key_values(resource)},
+            "scopeSpans": [{
+                "scope": {"name": scope, **({"version": scope_version} if scope_version else {})},
+                "spans": [span_to_otlp(s) for s in spans],
+            }],
+        }]
+    }
+
+
+def dumps_line(spans: Iterable[Span], resource: Dict[str, Any], scope: str,
+               scope_version: str = "") -> str:
+    return json.dumps(encode_request(spans, resource, scope, scope_version),
+                      separators=(",", ":")) + "\n"
+
+
+# ---- decoding -------------------------------------------------------------------------
+
+def value_of(v: dict) -> Any:
+    if not isinstance(v, dict):
+        raise OtlpJsonError(f"attribute value is not an object: {v!r}")
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "boolValue" in v:
+        return bool(v["boolValue"])
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "arrayValue" in v:
+        return [value_of(x) for x in v["arrayValue"].get("values", [])]
+    if "kvlistValue" in v:
+        return attrs_of(v["kvlistValue"].get("values", []))
+    if "bytesValue" in v:
+        return v["bytesValue"]
+    return None
+
+
+def attrs_of(kvs: Any) -> Dict[str, Any]:
+    if not isinstance(kvs, list):
+        raise OtlpJsonError("attributes must be a list of {key, value}")
+    out = {}
+    for kv in kvs:
+        if not isinstance(kv, dict) or "key" not in kv:
+            raise OtlpJsonError(f"attribute without a key: {kv!r}")
+        out[str(kv["key"])] = value_of(kv.get("value", {}))
+    return out
+
+
+def _hex_id(v: Any, width: int, what: str) -> str:
+    s = str(v or "")
+    if s and (len(s) != width or any(c not in "0123456789abcdefABCDEF" for c in s)):
+        raise OtlpJsonError(f"{what} {s!r} is not {width} hex digits")
+    return s.lower()
+
+
+def _span_of(d: Any, resource: Dict[str, Any], scope: str) -> Span:
+    if not isinstance(d, dict):
+        raise OtlpJsonError("span is not an object")
+    try:
+        start, end = int(d["startTimeUnixNano"]), int(d["endTimeUnixNano"])
+        name = d["name"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise OtlpJsonError(f"span lacks a valid name/start/end: {e}") from None
+    if not isinstance(name, str):
+        raise OtlpJsonError("span name is not a string")
+    events = []
+    for e in d.get("events") or []:
+        try:
+            events.append(SpanEvent(str(e["name"]), int(e["timeUnixNano"]),
+                                    attrs_of(e.get("attributes") or [])))
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, OtlpJsonError):
+                raise
+            raise OtlpJsonError(f"span {name!r}: malformed event: {err}") from None
+    status = d.get("status") or {}
+    if not isinstance(status, dict):
+        raise OtlpJsonError(f"span {name!r}: status is not an object")
+    return Span(
+        trace_id=_hex_id(d.get("traceId"), 32, "traceId"),
+        span_id=_hex_id(d.get("spanId"), 16, "spanId"),
+        parent_span_id=_hex_id(d.get("parentSpanId"), 16, "parentSpanId"),
+        name=name, start_ns=start, end_ns=end,
+        attributes=attrs_of(d.get("attributes") or []),
+        events=tuple(events),
+        status_code=int(status.get("code", 0) or 0),
+        status_message=str(status.get("message", "") or ""),
+        resource=resource, scope=scope,
+    )
+
+
+def decode_request(obj: Any) -> Iterator[Span]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("resourceSpans"), list):
+        raise OtlpJsonError("not an ExportTraceServiceRequest (no resourceSpans list)")
+    for rs in obj["resourceSpans"]:
+        if not isinstance(rs, dict):
+            raise OtlpJsonError("resourceSpans entry is not an object")
+        resource = attrs_of((rs.get("resource") or {}).get("attributes") or [])
+        for ss in rs.get("scopeSpans") or []:
+            if not isinstance(ss, dict):
+                raise OtlpJsonError("scopeSpans entry is not an object")
+            scope = str((ss.get("scope") or {}).get("name", ""))
+            for d in ss.get("spans") or []:
+                yield _span_of(d, resource, scope)
+
+
+def read_spans(path: str) -> List[Span]:
+    """Every span in an OTLP-JSON lines file, in file order. Raises OtlpJsonError."""
+    spans: List[Span] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                spans.extend(decode_request(json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise OtlpJsonError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            except OtlpJsonError as e:
+                raise OtlpJsonError(f"{path}:{lineno}: {e}") from None
+    return spans
