@@ -1,0 +1,1 @@
+"""Reports: per-name statistics, tables, HTML waterfall, Chrome trace, drift."""
