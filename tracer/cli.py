@@ -30,6 +30,10 @@ def cli() -> None:
 # Subcommands live beside the stage they drive; each entry is (module, click command name).
 # ---- subcommands ----------------------------------------------------------------------
 COMMANDS: tuple[tuple[str, str], ...] = (
+    (".doctor", "doctor"),
+    (".report.cli", "report"), (".report.cli", "drift_cmd"),
+    (".compare.command", "parity"),
+    (".correlate.profile", "profile_command"),
 )
 
 for _mod, _attr in COMMANDS:
@@ -45,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     if first not in cli.commands and first not in ("--help", "-h", "--version") and "trace" in cli.commands:
         args = ["trace", *args]
     try:
-        cli.main(args=args, prog_name="ophamin-trace", standalone_mode=False)
+        # standalone_mode=False returns ctx.exit(n)'s code instead of raising: honour it.
+        rc = cli.main(args=args, prog_name="ophamin-trace", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except TraceError as e:
         click.echo(f"ophamin-trace: error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -40,8 +40,11 @@ class Interpreter:
 def _pyenv_root() -> Path | None:
     env = os.environ.get("PYENV_ROOT")
     for cand in (env, os.path.expanduser("~/.pyenv"), "/root/.pyenv"):
-        if cand and Path(cand, "versions").is_dir():
-            return Path(cand)
+        try:
+            if cand and Path(cand, "versions").is_dir():
+                return Path(cand)
+        except OSError:  # /root is 0700: a non-root caller cannot look inside
+            continue
     return None
 
 

@@ -139,16 +139,45 @@ def value_of(v: dict) -> Any:
     if "boolValue" in v:
         return bool(v["boolValue"])
     if "intValue" in v:
-        return int(v["intValue"])
+        return _int(v["intValue"], "intValue")
     if "doubleValue" in v:
-        return float(v["doubleValue"])
+        try:
+            return float(v["doubleValue"])
+        except (TypeError, ValueError):
+            raise OtlpJsonError(f"doubleValue {v['doubleValue']!r} is not a number") from None
     if "arrayValue" in v:
-        return [value_of(x) for x in v["arrayValue"].get("values", [])]
+        return [value_of(x) for x in _list(_obj(v["arrayValue"], "arrayValue").get("values"), "values")]
     if "kvlistValue" in v:
-        return attrs_of(v["kvlistValue"].get("values", []))
+        return attrs_of(_list(_obj(v["kvlistValue"], "kvlistValue").get("values"), "values"))
     if "bytesValue" in v:
         return v["bytesValue"]
     return None
+
+
+def _int(v: Any, what: str) -> int:
+    # int() alone accepts floats (truncating) and raises OverflowError on inf: neither is OTLP.
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise OtlpJsonError(f"{what} {v!r} is not an integer")
+    try:
+        return int(v)
+    except ValueError:
+        raise OtlpJsonError(f"{what} {v!r} is not an integer") from None
+
+
+def _obj(v: Any, what: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise OtlpJsonError(f"{what} is not an object")
+    return v
+
+
+def _list(v: Any, what: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise OtlpJsonError(f"{what} is not a list")
+    return v
 
 
 def attrs_of(kvs: Any) -> Dict[str, Any]:
@@ -173,21 +202,19 @@ def _span_of(d: Any, resource: Dict[str, Any], scope: str) -> Span:
     if not isinstance(d, dict):
         raise OtlpJsonError("span is not an object")
     try:
-        start, end = int(d["startTimeUnixNano"]), int(d["endTimeUnixNano"])
+        start = _int(d["startTimeUnixNano"], "startTimeUnixNano")
+        end = _int(d["endTimeUnixNano"], "endTimeUnixNano")
         name = d["name"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise OtlpJsonError(f"span lacks a valid name/start/end: {e}") from None
+    except KeyError as e:
+        raise OtlpJsonError(f"span lacks {e}") from None
     if not isinstance(name, str):
         raise OtlpJsonError("span name is not a string")
     events = []
-    for e in d.get("events") or []:
-        try:
-            events.append(SpanEvent(str(e["name"]), int(e["timeUnixNano"]),
-                                    attrs_of(e.get("attributes") or [])))
-        except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, OtlpJsonError):
-                raise
-            raise OtlpJsonError(f"span {name!r}: malformed event: {err}") from None
+    for e in _list(d.get("events"), "events"):
+        if not isinstance(e, dict) or "name" not in e or "timeUnixNano" not in e:
+            raise OtlpJsonError(f"span {name!r}: malformed event: {e!r}")
+        events.append(SpanEvent(str(e["name"]), _int(e["timeUnixNano"], "timeUnixNano"),
+                                attrs_of(e.get("attributes") or [])))
     status = d.get("status") or {}
     if not isinstance(status, dict):
         raise OtlpJsonError(f"span {name!r}: status is not an object")
@@ -198,7 +225,7 @@ def _span_of(d: Any, resource: Dict[str, Any], scope: str) -> Span:
         name=name, start_ns=start, end_ns=end,
         attributes=attrs_of(d.get("attributes") or []),
         events=tuple(events),
-        status_code=int(status.get("code", 0) or 0),
+        status_code=_int(status.get("code", 0) or 0, "status code"),
         status_message=str(status.get("message", "") or ""),
         resource=resource, scope=scope,
     )
@@ -210,26 +237,33 @@ def decode_request(obj: Any) -> Iterator[Span]:
     for rs in obj["resourceSpans"]:
         if not isinstance(rs, dict):
             raise OtlpJsonError("resourceSpans entry is not an object")
-        resource = attrs_of((rs.get("resource") or {}).get("attributes") or [])
-        for ss in rs.get("scopeSpans") or []:
+        resource = attrs_of(_obj(rs.get("resource"), "resource").get("attributes") or [])
+        for ss in _list(rs.get("scopeSpans"), "scopeSpans"):
             if not isinstance(ss, dict):
                 raise OtlpJsonError("scopeSpans entry is not an object")
-            scope = str((ss.get("scope") or {}).get("name", ""))
-            for d in ss.get("spans") or []:
+            scope = str(_obj(ss.get("scope"), "scope").get("name", ""))
+            for d in _list(ss.get("spans"), "spans"):
                 yield _span_of(d, resource, scope)
 
 
 def read_spans(path: str) -> List[Span]:
     """Every span in an OTLP-JSON lines file, in file order. Raises OtlpJsonError."""
     spans: List[Span] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded per line, so that a non-UTF-8 line is reported with its number.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise OtlpJsonError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:
                 spans.extend(decode_request(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise OtlpJsonError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            except RecursionError:
+                raise OtlpJsonError(f"{path}:{lineno}: nested too deeply") from None
             except OtlpJsonError as e:
                 raise OtlpJsonError(f"{path}:{lineno}: {e}") from None
     return spans

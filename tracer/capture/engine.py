@@ -1,0 +1,239 @@
+"""Load bpf/capture.c for one target process, attach the planned probes, stream events.
+
+The BPF side is compiled per target: the interpreter's struct offsets become -D macros,
+so the kernel code reads exactly the layout discovery chose. Probes are perf-event
+uprobes owned by this process's file descriptors, so they disappear with it however it
+ends (SIGKILL included); `close()` detaches them eagerly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..discover.elf import open_image
+from ..discover.layout import Layout, layout_for, walk_threads_live
+from ..discover.process import Interpreter, find_interpreter
+from ..errors import PrivilegeError, TargetGone, TraceError
+from ..plan.probes import ProbePlan, plan_for
+from ..spec import MAX_ARGS, Spec
+from .names import NameRule, rules_for
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
+COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
+            "read_faults", "stack_overflow", "classified", "stack_mismatch")
+# Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
+# (verified against DWARF by tests/test_capture.py).
+FRAME_SUSPEND_FIELD = {(3, 9): ("OFF_FRAME_STACKTOP", 72), (3, 10): ("OFF_FRAME_STATE", 108)}
+EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    ts: int  # CLOCK_MONOTONIC ns
+    tid: int
+    kind: int
+    target_id: int
+    frame: int
+    code: int
+    exc_name: str
+    ancestors: tuple[int, ...]
+    args: tuple[tuple[int, int, bytes, bytes], ...]  # (obj, type, head, data)
+    sched: dict | None = None
+    rss: int | None = None
+
+
+@dataclass
+class Attached:
+    interp: Interpreter
+    layout: Layout
+    plan: ProbePlan
+    rules: list[NameRule]
+    warnings: list[str] = field(default_factory=list)
+    compile_s: float = 0.0
+    attach_s: float = 0.0
+
+
+def _need_privileges() -> None:
+    if os.geteuid() != 0:
+        with open("/proc/self/status") as f:
+            cap = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
+        if not all(cap >> b & 1 for b in (19, 38, 39)):
+            raise PrivilegeError("tracing needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE "
+                                 "(try: sudo ophamin-trace ...)")
+
+
+def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool) -> list[str]:
+    flags = [f"-DTARGET_TGID={pid}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DPY_MINOR={version[1]}"]
+    for name, value in layout.to_dict().items():
+        if isinstance(value, int):
+            flags.append(f"-DOFF_{name.upper()}={value}")
+    match = layout.code_qualname if version[:2] >= (3, 11) else layout.code_name
+    flags.append(f"-DOFF_CODE_MATCH_NAME={match}")
+    if version[:2] in FRAME_SUSPEND_FIELD:
+        flags.append("-DPY_EVAL_FRAME")
+        macro, off = FRAME_SUSPEND_FIELD[version[:2]]
+        flags.append(f"-D{macro}={off}")
+    if with_sched:
+        flags += ["-DWITH_SCHED", f"-DSCHED_NR_CPUS={os.cpu_count() or 1}"]
+    return flags
+
+
+class CaptureEngine:
+    """One target process: compile, fill the maps, attach, then `poll()` until `close()`."""
+
+    def __init__(self, pid: int, spec: Spec, *, with_sched: bool = False) -> None:
+        _need_privileges()
+        from bcc import BPF  # Debian's python3-bpfcc; imported late so --help works without it
+
+        self.pid = pid
+        self.spec = spec
+        self.with_sched = with_sched
+        interp = find_interpreter(pid)
+        image = open_image(interp.host_path)
+        layout = layout_for(interp.host_path, interp.version, interp.build_id)
+        plan = plan_for(image, interp.version)
+        rules: list[NameRule] = []
+        warnings: list[str] = []
+        for t in spec.targets:
+            r, w = rules_for(t, pid, interp.version)
+            rules += r
+            warnings += w
+        self.info = Attached(interp, layout, plan, rules, warnings)
+        self._events: list[RawEvent] = []
+        self._closed = False
+        text = (BPF_DIR / "capture.c").read_text()
+        if with_sched:
+            text = (BPF_DIR / "sched.c").read_text() + "\n" + text
+        t0 = time.monotonic()
+        # libbcc prints compiler chatter to stdout; keep the user's terminal clean.
+        self.bpf = _quiet(lambda: BPF(text=text, cflags=_cflags(pid, layout, interp.version, with_sched)))
+        self.info.compile_s = time.monotonic() - t0
+        self._fill_maps(rules)
+        t0 = time.monotonic()
+        self._attach(plan, interp)
+        self.info.attach_s = time.monotonic() - t0
+        # bcc cannot infer the event type from a struct with nested arrays: use the
+        # scratch map's value type, which is the same `struct event`.
+        self._event_type = self.bpf["scratch"].sLeaf
+        self.bpf["events"].open_ring_buffer(self._on_event)
+
+    # ---- setup ------------------------------------------------------------------------
+    def _fill_maps(self, rules: list[NameRule]) -> None:
+        names = self.bpf["names"]
+        slots: dict[int, int] = {}
+        for r in rules:
+            h = r.key_hash()
+            slot = slots.get(h, 0)
+            if slot >= 4:
+                raise TraceError(f"more than 4 spec functions share the name {r.match_name!r}")
+            slots[h] = slot + 1
+            k = names.Key(h, slot, 0)
+            suffix = r.suffix.encode()
+            from .names import fnv
+            names[k] = names.Leaf(r.target_id, len(suffix), fnv(suffix), r.firstlineno, int(r.exact))
+        targets = self.bpf["targets"]
+        for t in self.spec.targets:
+            cfg = targets.Leaf()
+            cfg.nargs = MAX_ARGS if t.attributes else 0
+            for i in range(MAX_ARGS):
+                cfg.arg_index[i] = i
+            targets[ctypes.c_int(t.target_id)] = cfg
+
+    def seed_threads(self) -> int:
+        """3.11+: teach the kernel side every existing thread's state (new threads are
+        learnt in the kernel when they first enter the eval loop)."""
+        if self.info.plan.strategy != "resume-handlers":
+            return 0
+        image = open_image(self.info.interp.host_path)
+        runtime = self.info.interp.runtime(image.symbol("_PyRuntime").value)
+        tstates = self.bpf["tstates"]
+        n = 0
+        for th in walk_threads_live(self.pid, self.info.layout, runtime):
+            if th.native_thread_id > 0:
+                tstates[ctypes.c_uint(th.native_thread_id)] = ctypes.c_ulonglong(th.tstate)
+                n += 1
+        return n
+
+    def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
+        fn = {"entry": "on_entry", "exit": "on_exit", "tstate": "on_tstate"}
+        for site in plan.sites:
+            try:
+                self.bpf.attach_uprobe(name=interp.host_path.encode(), addr=site.vaddr,
+                                       fn_name=fn[site.role].encode(), pid=self.pid)
+            except Exception as e:  # bcc raises bare Exception
+                if not os.path.exists(f"/proc/{self.pid}"):
+                    raise TargetGone(f"process {self.pid} exited while attaching") from None
+                raise TraceError(f"cannot attach uprobe at {site.label} ({site.vaddr:#x}): {e}") from None
+        self.seed_threads()
+
+    # ---- streaming --------------------------------------------------------------------
+    def _on_event(self, _ctx, data, _size) -> None:
+        e = ctypes.cast(data, ctypes.POINTER(self._event_type)).contents
+        args = tuple((a.obj, a.type, bytes(a.head), bytes(a.data)) for a in e.args[: e.nargs])
+        sched = None
+        rss = None
+        if self.with_sched:
+            s = e.sched
+            sched = {f: getattr(s, f) for f, _ in s._fields_ if f != "cpu_runs"}
+            sched["cpu_runs"] = list(s.cpu_runs)
+            rss = e.rss
+        self._events.append(RawEvent(
+            e.ts, e.tid, e.kind, e.target_id, e.frame, e.code,
+            bytes(e.exc_name).split(b"\0", 1)[0].decode(errors="replace"),
+            tuple(e.ancestors), args, sched, rss))
+
+    def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
+        self.bpf.ring_buffer_poll(timeout_ms)
+        out, self._events = self._events, []
+        return out
+
+    def drain(self) -> list[RawEvent]:
+        self.bpf.ring_buffer_consume()
+        out, self._events = self._events, []
+        return out
+
+    def counters(self) -> dict[str, int]:
+        table = self.bpf["counters"]
+        out = {}
+        for i, name in enumerate(COUNTERS):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.bpf.cleanup()
+
+
+def _quiet(fn):
+    """Run fn with fds 1 and 2 captured; on failure, surface the compiler's last lines."""
+    import tempfile
+
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            return fn()
+        except (Exception, SystemExit) as e:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            tmp.seek(0)
+            tail = tmp.read().decode(errors="replace").strip().splitlines()[-8:]
+            raise TraceError(f"BPF compile failed: {e}; " + " | ".join(tail)) from None
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def decode_struct_u64(data: bytes, off: int) -> int:
+    return struct.unpack_from("<q", data, off)[0]

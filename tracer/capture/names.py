@@ -1,0 +1,125 @@
+"""How spec functions are recognised in the kernel: a hash of the code object's name and a
+hash of a suffix of its file name, computed here exactly as bpf/capture.c computes them."""
+
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+
+from ..spec import Target
+
+NAME_MAX_BYTES = 64
+
+
+def fnv(data: bytes) -> int:
+    """FNV-1a over the length and the first NAME_MAX_BYTES bytes (mirrors capture.c)."""
+    h = 0xCBF29CE484222325
+    mask = (1 << 64) - 1
+    h = ((h ^ len(data)) * 0x100000001B3) & mask
+    for b in data[:NAME_MAX_BYTES]:
+        h = ((h ^ b) * 0x100000001B3) & mask
+    return h
+
+
+@dataclass(frozen=True)
+class NameRule:
+    target_id: int
+    match_name: str  # co_qualname on 3.11+, co_name before
+    suffix: str  # compared at the end of co_filename
+    exact: bool
+    firstlineno: int  # 0 = any
+
+    def key_hash(self) -> int:
+        return fnv(self.match_name.encode())
+
+
+def _main_file(pid: int) -> tuple[str, bool] | None:
+    """How `__main__`'s file name ends: from `-m MODULE` or the script path in argv."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    args = argv[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "-m" and i + 1 < len(args):
+            return "/" + args[i + 1].replace(".", "/") + "/__main__.py", False
+        if a == "-c":
+            return "<string>", True
+        if a.startswith("-"):
+            i += 2 if a in ("-W", "-X", "-Q") else 1
+            continue
+        return a, True
+    return None
+
+
+def _source_roots(pid: int) -> list[str]:
+    roots = []
+    try:
+        roots.append(os.readlink(f"/proc/{pid}/cwd"))
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for kv in f.read().split(b"\0"):
+                if kv.startswith(b"PYTHONPATH="):
+                    roots += [p for p in kv[11:].decode(errors="replace").split(":") if p]
+    except OSError:
+        pass
+    return roots
+
+
+def _first_line(path: str, qualname: str) -> int:
+    """co_firstlineno of `qualname` in a source file (the first decorator's line), 0 if unknown."""
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return 0
+    node: ast.AST = tree
+    for part in qualname.split("."):
+        if part == "<locals>":
+            continue
+        found = None
+        for child in ast.walk(node) if node is not tree else tree.body:
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and child.name == part:
+                found = child
+                break
+        if found is None:
+            return 0
+        node = found
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return 0
+    return min([node.lineno] + [d.lineno for d in node.decorator_list])
+
+
+def rules_for(target: Target, pid: int, version: tuple[int, int, int]) -> tuple[list[NameRule], list[str]]:
+    """Kernel match rules for one spec target, and warnings (for the user) about them."""
+    qual = target.qualname
+    use_qualname = version[:2] >= (3, 11)
+    match_name = qual if use_qualname else qual.rsplit(".", 1)[-1]
+    warnings: list[str] = []
+    if target.module == "__main__":
+        main = _main_file(pid)
+        if main is None:
+            warnings.append(f"{target.function}: cannot tell __main__'s file from the command line")
+            return [], warnings
+        suffixes = [main]
+    else:
+        rel = target.module.replace(".", "/")
+        suffixes = [(f"/{rel}.py", False), (f"/{rel}/__init__.py", False)]
+    rules = []
+    for suffix, exact in suffixes:
+        line = 0
+        if not use_qualname and "." in qual:
+            # co_name alone cannot tell Class.run from Other.run in one file: pin the line.
+            for root in _source_roots(pid):
+                path = f"/proc/{pid}/root" + (suffix if exact and suffix.startswith("/")
+                                              else os.path.join(root, suffix.lstrip("/")))
+                if os.path.exists(path):
+                    line = _first_line(path, qual)
+                    break
+            if line == 0 and suffix.endswith(".py") and not suffix.endswith("__init__.py"):
+                warnings.append(f"{target.function}: source not found; on {version[0]}.{version[1]} "
+                                f"any function named {match_name!r} in that file matches")
+        rules.append(NameRule(target.target_id, match_name, suffix, exact, line))
+    return rules, warnings

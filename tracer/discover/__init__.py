@@ -1,0 +1,1 @@
+"""Interpreter discovery: the image, its symbols, its struct layouts and the probe sites."""

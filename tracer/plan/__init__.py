@@ -1,0 +1,1 @@
+"""Probe planning: which instructions to probe, proven safe, and what each costs."""

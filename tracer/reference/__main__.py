@@ -1,0 +1,108 @@
+"""Batch runner: `python -m tracer.reference --cycles N [--cycle-ms M] [--seed S]
+[--wait-for-attach [--attach-timeout S]] [--out FILE]`.
+
+stdout line 1: {"pid", "python", "numpy", "emitter"} (flushed), so a tracer can attach to the
+PID. With --wait-for-attach the runner then blocks until SIGUSR1 (the tracer sends it once its
+probes are in). Then one JSON line per cycle {cycle_index, ok, cycle_seconds, digest}, and a
+final {"done": true, "digest": ...} over the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+from ..emitter import EmitterUnavailable, emitter_from_env
+from . import HAVE_NUMPY, Takwin, stimuli
+
+
+def _line(stream: Any, obj: dict) -> None:
+    stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    return None
+
+
+def _wait_for_sigusr1(timeout: Optional[float]) -> bool:
+    # SIGUSR1 was blocked before the PID line went out, so a signal sent the moment a tracer
+    # read it stays pending and sigwait returns at once: no window where it is lost.
+    if timeout is None:
+        signal.sigwait({signal.SIGUSR1})
+        return True
+    return signal.sigtimedwait({signal.SIGUSR1}, timeout) is not None
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tracer.reference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, required=True)
+    ap.add_argument("--cycle-ms", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-for-attach", action="store_true",
+                    help="after printing the PID line, block until SIGUSR1 arrives")
+    ap.add_argument("--attach-timeout", type=float, default=None,
+                    help="with --wait-for-attach: give up (exit 3) after this many seconds")
+    ap.add_argument("--out", help="write the per-cycle lines here instead of stdout")
+    args = ap.parse_args(argv)
+    if args.cycles < 0:
+        ap.error("--cycles must be >= 0")
+
+    try:
+        emitter = emitter_from_env()
+    except EmitterUnavailable as e:
+        print(f"tracer.reference: error: {e}", file=sys.stderr)
+        return 2
+
+    # A tracer may signal more than once, or without --wait-for-attach: a stray SIGUSR1 must not
+    # kill the run (its default action). Not SIG_IGN: an ignored signal is discarded even while
+    # blocked, and sigwait would never see it.
+    signal.signal(signal.SIGUSR1, _ignore_signal)
+    if args.wait_for_attach:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    _line(sys.stdout, {"pid": os.getpid(), "python": platform.python_version(),
+                       "numpy": HAVE_NUMPY, "emitter": getattr(emitter, "kind", "custom")})
+    if args.wait_for_attach:
+        if not _wait_for_sigusr1(args.attach_timeout):
+            print(f"tracer.reference: error: no SIGUSR1 within {args.attach_timeout:g}s", file=sys.stderr)
+            return 3
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    takwin = Takwin(emitter=emitter, seed=args.seed, cycle_ms=args.cycle_ms)
+    batch = hashlib.sha256()
+    ok_count = 0
+    try:
+        for i, text in enumerate(stimuli(args.seed, args.cycles)):
+            t0 = time.perf_counter()
+            try:
+                digest = takwin.run(text).digest
+                ok = True
+            except Exception as e:  # noqa: BLE001 - a failed cycle is reported, the batch goes on
+                digest, ok = None, False
+                print(f"tracer.reference: cycle {i} failed: {e!r}", file=sys.stderr)
+            dt = time.perf_counter() - t0
+            ok_count += ok
+            batch.update(f"{i}:{digest};".encode())
+            _line(out, {"cycle_index": i, "ok": ok, "cycle_seconds": round(dt, 6), "digest": digest})
+        _line(out, {"done": True, "cycles": args.cycles, "ok": ok_count, "digest": batch.hexdigest()})
+    finally:
+        takwin.close()
+        shutdown = getattr(emitter, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        if out is not sys.stdout:
+            out.close()
+    return 0 if ok_count == args.cycles else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
