@@ -192,7 +192,7 @@ def main() -> None:
             print(report(r), flush=True)
     dest = ROOT / "results" / "emitter.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(results if len(results) > 1 else result, indent=2) + "\n")
+    dest.write_text(json.dumps({"benchmark": "emitter", "runs": results}, indent=2) + "\n")
     print(f"wrote {dest.relative_to(ROOT)}")
 
 

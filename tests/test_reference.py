@@ -367,3 +367,18 @@ def test_runner_attach_timeout(tmp_path):
                        cwd=str(tmp_path), timeout=60)
     assert r.returncode == 3 and "no SIGUSR1" in r.stderr
     assert len(r.stdout.splitlines()) == 1
+
+
+def test_stray_sigusr1_does_not_kill_the_runner(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "tracer.reference", "--cycles", "10"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=runner_env(), cwd=str(tmp_path))
+    try:
+        json.loads(p.stdout.readline())
+        p.stdout.readline()  # a cycle has run: the handler is in place
+        os.kill(p.pid, signal.SIGUSR1)
+        rest, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert json.loads(rest.splitlines()[-1])["done"] is True

@@ -114,8 +114,11 @@ def _chromium(binary: str, tmp: Path, url: str, *extra: str) -> subprocess.Compl
 
 
 def dump_dom(binary: str, tmp: Path, url: str) -> str:
-    proc = _chromium(binary, tmp, url, "--virtual-time-budget=2000", "--dump-dom")
+    # --enable-logging copies the page's console to stderr: a script error fails the test.
+    proc = _chromium(binary, tmp, url, "--virtual-time-budget=2000", "--enable-logging=stderr", "--v=0",
+                     "--dump-dom")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr, proc.stderr[-2000:]
     assert "<svg" in proc.stdout, "the page's script drew nothing"
     return proc.stdout
 

@@ -31,6 +31,7 @@ def cli() -> None:
 # ---- subcommands ----------------------------------------------------------------------
 COMMANDS: tuple[tuple[str, str], ...] = (
     (".doctor", "doctor"),
+    (".commands", "trace_cmd"), (".commands", "probes_cmd"), (".commands", "validate_cmd"),
     (".report.cli", "report"), (".report.cli", "drift_cmd"),
     (".compare.command", "parity"),
     (".correlate.profile", "profile_command"),

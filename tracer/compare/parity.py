@@ -476,9 +476,18 @@ def compare(hooks: Sequence[Span], ebpf: Sequence[Span], thresholds: Thresholds 
         er = ref(E, e)
         for ev_name in dict.fromkeys([*he_by, *ee_by]):
             hl, el = he_by.get(ev_name, []), ee_by.get(ev_name, [])
-            gap = gap_penalty([x.time_ns for x in hl] if len(hl) >= 2 else [x.time_ns for x in el])
-            ev_pairs = align([(x.time_ns, x.time_ns) for x in hl], [(x.time_ns, x.time_ns) for x in el],
-                             offset, gap)
+            if len(hl) == len(el):
+                # Same count inside a matched span: order is the match. Aligning on time
+                # instead can pair neighbours when events are closer together than the
+                # drift the probes add inside one span.
+                ev_pairs = [(i, i) for i in range(len(hl))]
+            else:
+                # Times relative to each side's own span start, so the drift accumulated
+                # before this span does not shift the alignment.
+                rel_h = [x.time_ns - h.start_ns for x in hl]
+                rel_e = [x.time_ns - e.start_ns for x in el]
+                gap = gap_penalty(rel_h if len(rel_h) >= 2 else rel_e)
+                ev_pairs = align([(t, t) for t in rel_h], [(t, t) for t in rel_e], 0, gap)
             used_h = {i for i, _ in ev_pairs}
             used_e = {j for _, j in ev_pairs}
             events_missed += [EventRef(hr, ev_name, i, x.time_ns) for i, x in enumerate(hl)

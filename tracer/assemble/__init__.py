@@ -1,0 +1,1 @@
+"""Assemble raw entry/exit events into spans and span events."""
