@@ -72,7 +72,8 @@ def _source_roots(pid: int) -> list[str]:
 def _first_line(path: str, qualname: str) -> int:
     """co_firstlineno of `qualname` in a source file (the first decorator's line), 0 if unknown."""
     try:
-        tree = ast.parse(open(path, encoding="utf-8").read())
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
     except (OSError, SyntaxError, UnicodeDecodeError):
         return 0
     node: ast.AST = tree

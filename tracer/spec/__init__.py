@@ -23,9 +23,10 @@ instance's attributes from outside needs the dict layout per version; it is refu
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from ..errors import SpecError
 
