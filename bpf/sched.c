@@ -100,9 +100,6 @@ struct rss_sample {
 BPF_HASH(sched_threads, u32, struct sched_acct, SCHED_MAX_THREADS);
 BPF_ARRAY(sched_proc, struct sched_proc_acct, 1);
 BPF_ARRAY(sched_cpu_cur, struct sched_cpu_slot, SCHED_MAX_CPUS);
-/* Time of the last sched_switch on each CPU, whoever it concerned: the moment the task now
- * running there was switched in. Repairs a thread whose switch-in went unseen. */
-BPF_PERCPU_ARRAY(sched_cpu_last_switch, u64, 1);
 BPF_ARRAY(rss_state, struct rss_state, 1);
 /* An all-zero value to insert from: a 192-byte struct on the BPF stack would leave the
  * capture program's uprobe handlers little of their 512 bytes. Never written. */
@@ -158,16 +155,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
      * the machine are neither: leave before reading any clock. */
     int prev_is_target = prev != 0 && sched_is_target_current();
     struct sched_acct *na = next != 0 ? sched_threads.lookup(&next) : 0;
-    u64 now = bpf_ktime_get_ns();
-    int z0 = 0;
-    u64 *lastp = sched_cpu_last_switch.lookup(&z0);
-    u64 prev_in = 0;
-    if (lastp) {
-        prev_in = *lastp;
-        *lastp = now;
-    }
     if (!prev_is_target && !na)
         return 0;
+    u64 now = bpf_ktime_get_ns();
     u32 cpu = bpf_get_smp_processor_id();
 
     if (prev_is_target) {
@@ -191,13 +181,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 a = sched_threads.lookup(&prev);
             }
             if (a) {
-                if (a->state != SCHED_ST_ON_CPU && prev_in > a->last_ts && prev_in < now) {
-                    /* Its switch-in was not seen: it has run since the CPU's last switch. */
-                    sched_close_interval(a, prev_in);
-                    a->state = SCHED_ST_ON_CPU;
-                    a->last_ts = prev_in;
-                    a->reserved++;
-                }
                 sched_close_interval(a, now);
                 if (st != 0) {
                     a->voluntary++;
@@ -224,8 +207,21 @@ static __always_inline void sched_wakeup_common(u32 tid)
     if (!a || a->state != SCHED_ST_BLOCKED)
         return;
     u64 now = bpf_ktime_get_ns();
-    sched_close_interval(a, now);
-    a->state = SCHED_ST_RUNNABLE;
+    u64 since = a->last_ts;
+    /* The thread's switch-in may run on another CPU meanwhile: only the handler that
+     * moves it out of BLOCKED may close the blocked interval, or an on-CPU slice
+     * would be rewritten as waiting. */
+    /* 64-bit compare-and-swap over state and voluntary (adjacent, 8-aligned; this
+     * target's clang has no 32-bit BPF cmpxchg). state is the low half (little-endian). */
+    u64 *sv = (u64 *)&a->state;
+    u64 old = *sv;
+    if ((u32)old != SCHED_ST_BLOCKED)
+        return;
+    u64 want = (old & ~0xffffffffULL) | SCHED_ST_RUNNABLE;
+    if (__sync_val_compare_and_swap(sv, old, want) != old)
+        return;
+    if (now > since)
+        a->blocked_ns += now - since;
     a->last_ts = now;
 }
 

@@ -64,6 +64,11 @@ def _alive(pid: int) -> bool:
 def run_trace(pid: int, spec: Spec, *, output: str | None = None, otlp_endpoint: str | None = None,
               duration: float | None = None, status: bool = True, with_sched: bool = False,
               on_attached=None, keep_spans: bool = True) -> TraceResult:
+    if with_sched:
+        # bpf/sched.c and tracer/correlate/ exist and are tested standalone; snapshotting
+        # them from the capture handlers is not wired yet. Say so rather than half-work.
+        raise TraceError("scheduler correlation per span is unavailable: not yet wired into capture "
+                         "(see docs/correlation.md)")
     t_start = time.monotonic()
     engine = CaptureEngine(pid, spec, with_sched=with_sched)
     stop = _Stop()
@@ -77,9 +82,6 @@ def run_trace(pid: int, spec: Spec, *, output: str | None = None, otlp_endpoint:
         if otlp_endpoint:
             exporters.append(OtlpHttp(otlp_endpoint, resource))
         sched_attrs = None
-        if with_sched:
-            from .correlate.sched import span_attributes_from_events  # noqa: PLC0415
-            sched_attrs = span_attributes_from_events
         asm = Assembler(spec, pid, engine.info.layout,
                         TypeAddrs.of(open_image(interp.host_path), interp.bias), Clock(), sched_attrs)
         attach_s = time.monotonic() - t_start
