@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +233,3 @@ def _quiet(fn):
             os.close(saved[0])
             os.close(saved[1])
 
-
-def decode_struct_u64(data: bytes, off: int) -> int:
-    return struct.unpack_from("<q", data, off)[0]
