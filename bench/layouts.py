@@ -15,21 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from elftools.elf.elffile import ELFFile  # noqa: E402
 
 from tracer.discover import dwarf  # noqa: E402
+from tracer.discover.elf import open_image  # noqa: E402
 from tracer.discover.layout import layout_for  # noqa: E402
 from tracer.interpreters import find_interpreters  # noqa: E402
-
-
-def build_id(path: str) -> str | None:
-    with open(path, "rb") as f:
-        for sec in ELFFile(f).iter_sections():
-            if sec["sh_type"] == "SHT_NOTE":
-                for note in sec.iter_notes():
-                    if note["n_type"] == "NT_GNU_BUILD_ID":
-                        return note["n_desc"]
-    return None
 
 
 def main() -> None:
@@ -39,7 +29,7 @@ def main() -> None:
         major, minor, _ = interp.version
         lib = Path(interp.path).resolve().parent.parent / "lib" / f"libpython{major}.{minor}.so.1.0"
         image = str(lib) if lib.exists() else interp.path
-        bid = build_id(image)
+        bid = open_image(image).build_id()
         row: dict = {"label": interp.label, "image": image}
         if dwarf.has_dwarf(image):
             cold = dwarf.extract_cached(image, minor, bid)

@@ -29,7 +29,7 @@
 
 enum counter {
     C_ENTRY_HITS, C_EXIT_HITS, C_TARGET_ENTRIES, C_TARGET_EXITS, C_DROPPED, C_NO_TSTATE,
-    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_STACK_MISMATCH, C_COUNTERS
+    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_COUNTERS
 };
 
 struct code_info {
@@ -167,6 +167,12 @@ static __always_inline u32 classify(u64 code) {
     return fresh.target_id;
 }
 
+/* The spec target a frame runs (0 if none), and its code object. */
+static __always_inline u32 frame_target(u64 frame, u64 *code) {
+    *code = read_ptr(frame + OFF_FRAME_CODE);
+    return classify(*code);
+}
+
 static __always_inline struct event *new_event(u32 tid, u16 kind, u32 target_id, u64 frame, u64 code) {
     u32 z = 0;
     struct event *e = scratch.lookup(&z);
@@ -199,11 +205,7 @@ static __always_inline void capture_args(struct event *e, u64 frame, u32 target_
         if (i >= n) break;
         struct arg_val *a = &e->args[i];
         u64 idx = cfg->arg_index[i];
-#ifdef PY_EVAL_FRAME
         a->obj = read_ptr(frame + OFF_FRAME_LOCALSPLUS + idx * 8);
-#else
-        a->obj = read_ptr(frame + OFF_FRAME_LOCALSPLUS + idx * 8);
-#endif
         a->type = a->obj ? read_ptr(a->obj + OFF_OBJECT_TYPE) : 0;
         if (a->obj) {
             bpf_probe_read_user(a->head, sizeof(a->head), (void *)(a->obj + 16));
@@ -259,8 +261,8 @@ int on_entry(struct pt_regs *ctx) {
     if (!target_pid(&tid)) return 0;
     count(C_ENTRY_HITS);
     u64 frame = PT_REGS_PARM2(ctx);
-    u64 code = read_ptr(frame + OFF_FRAME_CODE);
-    u32 target_id = classify(code);
+    u64 code;
+    u32 target_id = frame_target(frame, &code);
     if (!target_id) return 0;
     /* Target frames are stacked per thread so the exit site (which does not see the frame)
      * can tell whose exit it is. */
@@ -305,8 +307,8 @@ int on_exit(struct pt_regs *ctx) {
         if (stacktop) kind = EV_SUSPEND;
 #endif
     }
-    u64 code = read_ptr(top + OFF_FRAME_CODE);
-    struct event *e = new_event(tid, kind, classify(code), top, code);
+    u64 code;
+    struct event *e = new_event(tid, kind, frame_target(top, &code), top, code);
     if (!e) return 0;
     if (kind == EV_EXIT_EXC) fill_exception(e, tstate);
     count(C_TARGET_EXITS);
@@ -342,8 +344,8 @@ int on_entry(struct pt_regs *ctx) {
     if (!ts) { count(C_NO_TSTATE); return 0; }
     u64 frame = current_frame(*ts);
     if (!frame) return 0;
-    u64 code = read_ptr(frame + OFF_FRAME_CODE);
-    u32 target_id = classify(code);
+    u64 code;
+    u32 target_id = frame_target(frame, &code);
     if (!target_id) return 0;
     return emit_entry(tid, frame, code, target_id);
 }
@@ -353,8 +355,8 @@ int on_exit(struct pt_regs *ctx) {
     if (!target_pid(&tid)) return 0;
     count(C_EXIT_HITS);
     u64 frame = PT_REGS_PARM1(ctx);
-    u64 code = read_ptr(frame + OFF_FRAME_CODE);
-    u32 target_id = classify(code);
+    u64 code;
+    u32 target_id = frame_target(frame, &code);
     if (!target_id) return 0;
     struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
     if (!e) return 0;

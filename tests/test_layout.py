@@ -22,6 +22,7 @@ from elftools.elf.elffile import ELFFile
 
 from tracer.discover import dwarf
 from tracer.discover.debug_offsets import MEMBERS, TO_LAYOUT, read_debug_offsets
+from tracer.discover.elf import open_image
 from tracer.discover.layout import (
     OFFSET_FIELDS,
     Layout,
@@ -44,16 +45,6 @@ def pyenv_lib(version: str) -> str:
             pytest.fail(f"{lib} missing in CI")
         pytest.skip(f"{lib} not installed")
     return str(lib)
-
-
-def build_id(path: str) -> str | None:
-    with open(path, "rb") as f:
-        for sec in ELFFile(f).iter_sections():
-            if sec["sh_type"] == "SHT_NOTE":
-                for note in sec.iter_notes():
-                    if note["n_type"] == "NT_GNU_BUILD_ID":
-                        return note["n_desc"]
-    return None
 
 
 def symbol_value(path: str, name: str) -> int:
@@ -154,7 +145,7 @@ def test_version_specific_fields_exist_only_where_they_should():
 def test_dwarf_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     lib = pyenv_lib("3.12.1")
-    bid = build_id(lib)
+    bid = open_image(lib).build_id()
     cold = dwarf.extract_cached(lib, 12, bid)
     warm = dwarf.extract_cached(lib, 12, bid)
     assert not cold.cached and warm.cached
@@ -213,14 +204,14 @@ def test_debug_offsets_absent_before_313():
 def test_layout_for_pyenv_uses_dwarf(version):
     lib = pyenv_lib(version)
     v = tuple(map(int, version.split(".")))
-    layout = layout_for(lib, v, build_id(lib))
+    layout = layout_for(lib, v, open_image(lib).build_id())
     assert layout.source == "dwarf" and layout.version == v[:2] and layout.supplement == ""
     assert replace(layout, source="x") == replace(layout_from_table(v), source="x")
 
 
 def test_layout_for_313_uses_debug_offsets_with_dwarf_supplement():
     lib = pyenv_lib("3.13.0")
-    layout = layout_for(lib, (3, 13, 0), build_id(lib))
+    layout = layout_for(lib, (3, 13, 0), open_image(lib).build_id())
     assert (layout.source, layout.supplement) == ("debug_offsets", "dwarf")
     assert replace(layout, source="x", supplement="") == replace(layout_from_table((3, 13)), source="x")
     d = layout.to_dict()
@@ -249,7 +240,7 @@ def test_debian_311_uses_table():
     exe = "/usr/bin/python3.11"
     if not Path(exe).exists() or dwarf.has_dwarf(exe):
         pytest.skip("no stripped Debian python3.11 here")
-    layout = layout_for(exe, (3, 11, 2), build_id(exe))
+    layout = layout_for(exe, (3, 11, 2), open_image(exe).build_id())
     assert layout.source == "table:3.11"
 
 
@@ -275,7 +266,7 @@ def test_layout_rejects_unknown_fields():
 def test_live_layout_walks_every_interpreter(target):
     interp, pid = target
     image, runtime = image_and_runtime(pid)
-    layout = layout_for(image, interp.version, build_id(image))
+    layout = layout_for(image, interp.version, open_image(image).build_id())
     if interp.label.startswith("debian"):
         assert layout.source == "table:3.11"
     assert verify_layout_live(pid, layout, runtime) == []

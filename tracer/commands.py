@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -171,8 +170,7 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
         raise TraceError(f"the reference substrate did not start under {python}")
     res = run_trace(proc.pid, load_spec("reference"), output=str(ebpf), status=False, with_sched=with_sched,
                     on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1))
-    proc.wait()
-    time.sleep(0.05)
+    proc.wait()  # the emitter flushes its file at exit
     report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
     steps = {s.name: {"median_ms": s.median_ns / 1e6, "p10_ms": s.p10_ns / 1e6, "p90_ms": s.p90_ns / 1e6,
                       "count": s.count} for s in res.stats}

@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,11 +26,12 @@ from typing import Any
 
 import click
 
+from .capture.output import CapturedOutput
+from .privileges import CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, effective_caps, missing_caps  # noqa: F401
+
 PASS, WARN, FAIL, INFO, SKIP = "PASS", "WARN", "FAIL", "INFO", "SKIP"
 
 TRACEFS = Path("/sys/kernel/tracing")
-CAP_SYS_PTRACE, CAP_PERFMON, CAP_BPF = 19, 38, 39
-NEEDED_CAPS = {"CAP_BPF": CAP_BPF, "CAP_PERFMON": CAP_PERFMON, "CAP_SYS_PTRACE": CAP_SYS_PTRACE}
 TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_migrate_task", "kmem/rss_stat")
 SETUP_HINT = "run `sudo scripts/test` (or `sudo scripts/demo`) once: it installs and configures this"
 
@@ -57,13 +57,6 @@ class Check:
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-
-def effective_caps(status_path: str = "/proc/self/status") -> int:
-    for line in Path(status_path).read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise ValueError(f"no CapEff line in {status_path}")
 
 
 def kernel_config() -> tuple[dict[str, str], str | None]:
@@ -123,7 +116,7 @@ def check_privileges() -> Check:
     except (OSError, ValueError) as e:
         return Check("privileges", FAIL, f"cannot read effective capabilities: {e}",
                      "run as root: sudo ophamin-trace ...")
-    missing = [n for n, bit in NEEDED_CAPS.items() if not caps >> bit & 1]
+    missing = missing_caps(caps)
     data = {"euid": euid, "cap_eff": f"{caps:016x}", "missing": missing}
     who = "root" if euid == 0 else f"uid {euid}"
     if euid == 0:
@@ -305,32 +298,6 @@ MAGIC_HI = 0x0BAD5EED
 CALLS = 3
 
 
-class _OutputCapture:
-    """Collect what libbcc/clang print while compiling, so neither the report nor --json output
-    is cluttered: libbcc writes some diagnostics to stdout (fd 1), clang to stderr (fd 2)."""
-
-    def __enter__(self) -> _OutputCapture:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile()
-        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
-        for fd in self.saved:
-            os.dup2(self.file.fileno(), fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # C stdio may hold buffered text; flush it while the fds still point at the file.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        ctypes.CDLL(None).fflush(None)
-        for fd, saved in self.saved.items():
-            os.dup2(saved, fd)
-            os.close(saved)
-        self.file.seek(0)
-        self.text = self.file.read().decode(errors="replace")
-        self.file.close()
-
-
 def check_bcc_load(bcc: Any, privileged: bool) -> Check:
     name = "bcc compile + load"
     if bcc is None:
@@ -345,7 +312,7 @@ def check_bcc_load(bcc: Any, privileged: bool) -> Check:
     timings: dict[str, float] = {}
     b = None
     sent = [(MAGIC_HI << 32) | i for i in range(1, CALLS + 1)]
-    cap = _OutputCapture()
+    cap = CapturedOutput()
     try:
         with cap:
             t0 = time.perf_counter()

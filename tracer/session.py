@@ -16,6 +16,7 @@ from .assemble.spans import Assembler, Clock, Losses, resource_for
 from .assemble.values import TypeAddrs
 from .capture.engine import CaptureEngine
 from .discover.elf import open_image
+from .discover.process import is_alive
 from .errors import TraceError
 from .export.otlp import OtlpHttp, OtlpJsonFile
 from .otlpjson import Span
@@ -51,14 +52,6 @@ class _Stop:
 
     def __call__(self, signum, _frame) -> None:
         self.reason = signal.Signals(signum).name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def run_trace(pid: int, spec: Spec, *, output: str | None = None, otlp_endpoint: str | None = None,
@@ -101,7 +94,7 @@ def run_trace(pid: int, spec: Spec, *, output: str | None = None, otlp_endpoint:
                 stopped_by = stop.reason
             elif deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "duration"
-            elif not _alive(pid):
+            elif not is_alive(pid):
                 stopped_by = "target exited"
             if stopped_by:
                 break

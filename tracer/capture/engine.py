@@ -19,13 +19,15 @@ from ..discover.layout import Layout, layout_for, walk_threads_live
 from ..discover.process import Interpreter, find_interpreter
 from ..errors import PrivilegeError, TargetGone, TraceError
 from ..plan.probes import ProbePlan, plan_for
+from ..privileges import missing_caps
 from ..spec import MAX_ARGS, Spec
-from .names import NameRule, rules_for
+from .names import NameRule, fnv, rules_for
+from .output import CapturedOutput
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
-            "read_faults", "stack_overflow", "classified", "stack_mismatch")
+            "read_faults", "stack_overflow", "classified")
 # Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
 # (verified against DWARF by tests/test_capture.py).
 FRAME_SUSPEND_FIELD = {(3, 9): ("OFF_FRAME_STACKTOP", 72), (3, 10): ("OFF_FRAME_STATE", 108)}
@@ -59,12 +61,10 @@ class Attached:
 
 
 def _need_privileges() -> None:
-    if os.geteuid() != 0:
-        with open("/proc/self/status") as f:
-            cap = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
-        if not all(cap >> b & 1 for b in (19, 38, 39)):
-            raise PrivilegeError("tracing needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE "
-                                 "(try: sudo ophamin-trace ...)")
+    missing = missing_caps()
+    if missing:
+        raise PrivilegeError(f"tracing needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE, this process lacks "
+                             f"{', '.join(missing)} (try: sudo ophamin-trace ...)")
 
 
 def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool) -> list[str]:
@@ -111,7 +111,12 @@ class CaptureEngine:
             text = (BPF_DIR / "sched.c").read_text() + "\n" + text
         t0 = time.monotonic()
         # libbcc prints compiler chatter to stdout; keep the user's terminal clean.
-        self.bpf = _quiet(lambda: BPF(text=text, cflags=_cflags(pid, layout, interp.version, with_sched)))
+        out = CapturedOutput()
+        try:
+            with out:
+                self.bpf = BPF(text=text, cflags=_cflags(pid, layout, interp.version, with_sched))
+        except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
+            raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
         self._fill_maps(rules)
         t0 = time.monotonic()
@@ -134,7 +139,6 @@ class CaptureEngine:
             slots[h] = slot + 1
             k = names.Key(h, slot, 0)
             suffix = r.suffix.encode()
-            from .names import fnv
             names[k] = names.Leaf(r.target_id, len(suffix), fnv(suffix), r.firstlineno, int(r.exact))
         targets = self.bpf["targets"]
         for t in self.spec.targets:
@@ -165,7 +169,7 @@ class CaptureEngine:
             try:
                 self.bpf.attach_uprobe(name=interp.host_path.encode(), addr=site.vaddr,
                                        fn_name=fn[site.role].encode(), pid=self.pid)
-            except Exception as e:  # bcc raises bare Exception
+            except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
                 if not os.path.exists(f"/proc/{self.pid}"):
                     raise TargetGone(f"process {self.pid} exited while attaching") from None
                 raise TraceError(f"cannot attach uprobe at {site.label} ({site.vaddr:#x}): {e}") from None
@@ -209,27 +213,3 @@ class CaptureEngine:
             return
         self._closed = True
         self.bpf.cleanup()
-
-
-def _quiet(fn):
-    """Run fn with fds 1 and 2 captured; on failure, surface the compiler's last lines."""
-    import tempfile
-
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            return fn()
-        except (Exception, SystemExit) as e:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            tmp.seek(0)
-            tail = tmp.read().decode(errors="replace").strip().splitlines()[-8:]
-            raise TraceError(f"BPF compile failed: {e}; " + " | ".join(tail)) from None
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-

@@ -278,6 +278,23 @@ def values_agree(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def attr_diffs(hooks: Dict[str, Any], ebpf: Dict[str, Any]
+               ) -> Tuple[int, List[Tuple[str, Any, Any]], List[str]]:
+    """Compare every compared key the emitter wrote against what the eBPF side captured:
+    (values compared, [(key, hooks value, ebpf value)] that disagree, keys not captured)."""
+    compared, bad, missing = 0, [], []
+    for k, hv in hooks.items():
+        if not compared_key(k):
+            continue
+        if k not in ebpf:
+            missing.append(k)
+            continue
+        compared += 1
+        if not values_agree(hv, ebpf[k]):
+            bad.append((k, hv, ebpf[k]))
+    return compared, bad, missing
+
+
 def _key(s: Span) -> SpanKey:
     return (s.trace_id, s.span_id)
 
@@ -459,19 +476,15 @@ def compare(hooks: Sequence[Span], ebpf: Sequence[Span], thresholds: Thresholds 
             n_reparented[name] += 1
             reparented.append(Reparented(hr, ref(H, hp) if hp else None, ref(E, ep) if ep else None))
 
-        # Span attributes: every compared key the emitter wrote.
-        for k, hv in h.attributes.items():
-            if not compared_key(k):
-                continue
-            if k not in e.attributes:
-                not_captured[f"span {name}: {k}"] += 1
-                continue
-            v_cmp[name] += 1
-            if not values_agree(hv, e.attributes[k]):
-                v_bad[name] += 1
-                mismatches.append(AttributeMismatch(hr, None, None, k, hv, e.attributes[k]))
+        n, bad, missing = attr_diffs(h.attributes, e.attributes)
+        v_cmp[name] += n
+        v_bad[name] += len(bad)
+        mismatches += [AttributeMismatch(hr, None, None, k, hv, ev) for k, hv, ev in bad]
+        for k in missing:
+            not_captured[f"span {name}: {k}"] += 1
 
-        # Events: per name, aligned on time like the spans, so one lost event stays one.
+        # Events: per name, matched by order when both sides hold as many, else aligned on
+        # time, so one lost event stays one.
         he_by, ee_by = _events_by_name(h.events), _events_by_name(e.events)
         er = ref(E, e)
         for ev_name in dict.fromkeys([*he_by, *ee_by]):
@@ -498,16 +511,12 @@ def compare(hooks: Sequence[Span], ebpf: Sequence[Span], thresholds: Thresholds 
                 hx, ex = hl[i], el[j]
                 ev_m[name] += 1
                 d_event[name].append(ex.time_ns - offset - hx.time_ns)
-                for k, hv in hx.attributes.items():
-                    if not compared_key(k):
-                        continue
-                    if k not in ex.attributes:
-                        not_captured[f"event {ev_name}: {k}"] += 1
-                        continue
-                    v_cmp[name] += 1
-                    if not values_agree(hv, ex.attributes[k]):
-                        v_bad[name] += 1
-                        mismatches.append(AttributeMismatch(hr, ev_name, i, k, hv, ex.attributes[k]))
+                n, bad, missing = attr_diffs(hx.attributes, ex.attributes)
+                v_cmp[name] += n
+                v_bad[name] += len(bad)
+                mismatches += [AttributeMismatch(hr, ev_name, i, k, hv, ev) for k, hv, ev in bad]
+                for k in missing:
+                    not_captured[f"event {ev_name}: {k}"] += 1
 
     outliers.sort(key=lambda o: -abs(o.delta_us))
 

@@ -73,17 +73,29 @@ def read_maps(pid: int) -> list[Mapping]:
     return out
 
 
-def check_process(pid: int) -> None:
-    """Refuse PIDs that are gone, zombies or kernel threads, with one line each."""
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, flags) from /proc/PID/stat; None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        raise TargetGone(f"no process with PID {pid}") from None
-    state = stat.rsplit(")", 1)[1].split()[0]
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[6])
+
+
+def is_alive(pid: int) -> bool:
+    st = proc_state(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def check_process(pid: int) -> None:
+    """Refuse PIDs that are gone, zombies or kernel threads, with one line each."""
+    st = proc_state(pid)
+    if st is None:
+        raise TargetGone(f"no process with PID {pid}")
+    state, flags = st
     if state in ("Z", "X"):
         raise TargetGone(f"PID {pid} is a zombie (it has exited; nothing to trace)")
-    flags = int(stat.rsplit(")", 1)[1].split()[6])
     if flags & 0x00200000:  # PF_KTHREAD
         raise NotPython(f"PID {pid} is a kernel thread, not a Python process")
 
