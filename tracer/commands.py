@@ -37,6 +37,9 @@ def _print_result(res, as_json: bool) -> None:
         click.echo(f"warning: {w}", err=True)
     for name, info in res.exporters.items():
         click.echo(f"{name}: {info}")
+    for name, summary in res.enrichers.items():
+        reason = f": {summary['reason']}" if summary.get("reason") else ""
+        click.echo(f"{name}: {summary.get('status', '?')}{reason}")
 
 
 @click.command("trace", context_settings={"ignore_unknown_options": False})

@@ -316,7 +316,7 @@ def check_bcc_load(bcc: Any, privileged: bool) -> Check:
     try:
         with cap:
             t0 = time.perf_counter()
-            b = bcc.BPF(text=BPF_TEST, cflags=[f"-DMAGIC_HI={MAGIC_HI:#x}ULL"])
+            b = bcc.BPF(text=BPF_TEST.encode(), cflags=[f"-DMAGIC_HI={MAGIC_HI:#x}ULL"])
             t1 = time.perf_counter()
             b.attach_uprobe(name="c", sym="labs", fn_name="on_labs", pid=os.getpid())
             t2 = time.perf_counter()

@@ -114,7 +114,7 @@ class CaptureEngine:
         out = CapturedOutput()
         try:
             with out:
-                self.bpf = BPF(text=text, cflags=_cflags(pid, layout, interp.version, with_sched))
+                self.bpf = BPF(text=text.encode(), cflags=_cflags(pid, layout, interp.version, with_sched))
         except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0

@@ -349,7 +349,7 @@ class SchedMonitor:
         self._rss_callbacks: List[Callable[[RssSample], None]] = []
         text = sched_source() + "\n" + extra_source
         try:
-            self.bpf = BPF(text=text, cflags=[*sched_cflags(pid, rss_granularity, page_faults),
+            self.bpf = BPF(text=text.encode(), cflags=[*sched_cflags(pid, rss_granularity, page_faults),
                                               *extra_cflags])
         except Exception as e:  # bcc raises bare Exception on compile/load failure
             raise TraceError(f"cannot load the scheduler BPF programs: {e}") from e
