@@ -4,11 +4,17 @@
  * bcc C, compiled once per target with the interpreter's layout as -D macros (OFF_*),
  * the strategy (PY_EVAL_FRAME for 3.9/3.10, else the 3.11+ RESUME/frame-clear strategy)
  * and TARGET_TGID. Handlers (one job each):
- *   on_entry   - a Python frame starts or resumes running (3.9/3.10: eval-loop entry,
- *                frame in rsi; 3.11+: a RESUME-family handler, frame from the thread state)
- *   on_exit    - a frame ends (3.9/3.10: the eval loop's exit call, retval in rdx; 3.11+:
- *                the frame-clear function, frame in rdi)
- *   on_tstate  - 3.11+: eval-loop entry hands us the thread state (rdi), learnt per TID
+ *   on_entry       - a Python frame starts or resumes running (3.9/3.10: eval-loop entry,
+ *                    frame in rsi; 3.11+: a RESUME-family handler, frame from the thread state)
+ *   on_exit        - a frame ends (3.9/3.10: the eval loop's exit call, retval in rdx; 3.11+:
+ *                    the frame-clear function, frame in rdi)
+ *   on_eval_entry  - 3.11+: the eval loop is entered from C: learn the thread state (rdi);
+ *                    3.11: remember a target frame (rsi) with the stack pointer of this call
+ *   on_eval_return - 3.11 (uretprobe): that eval call returns: the frame entered from C
+ *                    has exited (rax = result, NULL on exception)
+ * On 3.11, frames entered from C end at the eval loop's return, because an LTO build may
+ * inline the frame clear into the C caller (Debian's 3.11 does), where no probe can see it;
+ * the frame-clear probe then skips the one frame the return already closed.
  * Filtering is one LRU-hash lookup on the code object's address; a code object not yet
  * seen is classified once by hashing its (qual)name and comparing a path suffix of its
  * file name against the spec's targets, so functions defined after attach are found too.
@@ -21,6 +27,10 @@
 #define MAX_ARGS 6
 #define ANCESTORS 24
 #define STACK_DEPTH 256
+#define EVAL_DEPTH 64 /* target frames entered from C, nested, per thread (= the uretprobe limit) */
+/* co_flags of code whose frames outlive a return to C (suspended generators/coroutines):
+ * their eval-loop return is a yield, not an exit, so only the frame clear ends them. */
+#define CO_SUSPENDABLE (0x20 | 0x80 | 0x200) /* GENERATOR | COROUTINE | ASYNC_GENERATOR */
 
 #define EV_ENTRY 1
 #define EV_EXIT 2
@@ -29,13 +39,13 @@
 
 enum counter {
     C_ENTRY_HITS, C_EXIT_HITS, C_TARGET_ENTRIES, C_TARGET_EXITS, C_DROPPED, C_NO_TSTATE,
-    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_COUNTERS
+    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_EVAL_RETURNS_LOST, C_COUNTERS
 };
 
 struct code_info {
     u64 name_obj;  /* the code's (qual)name object when classified: detects address reuse */
     u32 target_id; /* 0 = not a target */
-    u32 pad;
+    u32 flags;     /* co_flags */
 };
 struct name_key { u64 hash; u32 slot; u32 pad; };
 struct name_val {
@@ -138,12 +148,17 @@ static __always_inline u64 str_len(u64 obj) {
 
 /* Is this code object a target? Cached per code address; a cached entry is trusted only
  * while the code still points at the same name object (code memory gets reused). */
-static __always_inline u32 classify(u64 code) {
+static __always_inline u32 classify(u64 code, u32 *flags) {
     u64 name_obj = read_ptr(code + OFF_CODE_MATCH_NAME);
     struct code_info *ci = code_cache.lookup(&code);
-    if (ci && ci->name_obj == name_obj) return ci->target_id;
+    if (ci && ci->name_obj == name_obj) {
+        *flags = ci->flags;
+        return ci->target_id;
+    }
     count(C_CLASSIFIED);
     struct code_info fresh = {.name_obj = name_obj, .target_id = 0};
+    bpf_probe_read_user(&fresh.flags, sizeof(fresh.flags), (void *)(code + OFF_CODE_FLAGS));
+    *flags = fresh.flags;
     u64 nlen = str_len(name_obj);
     struct name_key k = {.hash = str_hash(name_obj, 0, nlen), .slot = 0};
     u64 file = 0;
@@ -167,10 +182,10 @@ static __always_inline u32 classify(u64 code) {
     return fresh.target_id;
 }
 
-/* The spec target a frame runs (0 if none), and its code object. */
-static __always_inline u32 frame_target(u64 frame, u64 *code) {
+/* The spec target a frame runs (0 if none), its code object and co_flags. */
+static __always_inline u32 frame_target(u64 frame, u64 *code, u32 *flags) {
     *code = read_ptr(frame + OFF_FRAME_CODE);
-    return classify(*code);
+    return classify(*code, flags);
 }
 
 static __always_inline struct event *new_event(u32 tid, u16 kind, u32 target_id, u64 frame, u64 code) {
@@ -262,7 +277,8 @@ int on_entry(struct pt_regs *ctx) {
     count(C_ENTRY_HITS);
     u64 frame = PT_REGS_PARM2(ctx);
     u64 code;
-    u32 target_id = frame_target(frame, &code);
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
     /* Target frames are stacked per thread so the exit site (which does not see the frame)
      * can tell whose exit it is. */
@@ -308,7 +324,8 @@ int on_exit(struct pt_regs *ctx) {
 #endif
     }
     u64 code;
-    struct event *e = new_event(tid, kind, frame_target(top, &code), top, code);
+    u32 flags;
+    struct event *e = new_event(tid, kind, frame_target(top, &code, &flags), top, code);
     if (!e) return 0;
     if (kind == EV_EXIT_EXC) fill_exception(e, tstate);
     count(C_TARGET_EXITS);
@@ -319,14 +336,6 @@ int on_exit(struct pt_regs *ctx) {
 #else
 /* ---- 3.11+: calls are inlined; RESUME marks a frame starting (or resuming) ---- */
 
-int on_tstate(struct pt_regs *ctx) {
-    u32 tid;
-    if (!target_pid(&tid)) return 0;
-    u64 ts = PT_REGS_PARM1(ctx);
-    tstates.update(&tid, &ts);
-    return 0;
-}
-
 static __always_inline u64 current_frame(u64 tstate) {
 #if OFF_TSTATE_CURRENT_FRAME >= 0
     return read_ptr(tstate + OFF_TSTATE_CURRENT_FRAME);
@@ -334,6 +343,98 @@ static __always_inline u64 current_frame(u64 tstate) {
     u64 cframe = read_ptr(tstate + OFF_TSTATE_CFRAME);
     return cframe ? read_ptr(cframe + OFF_CFRAME_CURRENT_FRAME) : 0;
 #endif
+}
+
+#ifdef ENTRY_FRAMES_END_AT_RETURN
+/* 3.11: a frame entered from C is cleared by its C caller after the eval loop returns, and
+ * an LTO build may inline that clear where no probe sees it; so such frames end at the eval
+ * loop's return (a uretprobe). 3.12+ clear every frame inside the eval loop, before it
+ * returns through its entry shim frame, so the frame-clear probe sees them all there. */
+struct eval_call { u64 frame; u64 sp; };
+struct estack { u32 depth; u32 pad; struct eval_call calls[EVAL_DEPTH]; };
+BPF_HASH(estacks, u32, struct estack, 4096);
+BPF_ARRAY(zero_estack, struct estack, 1);
+/* Per thread: the frame whose exit the eval return just reported, so that the frame-clear
+ * probe (which follows at once where the clear is not inlined) does not report it again.
+ * Cleared by the thread's next target event, so a reused frame address is never skipped. */
+BPF_HASH(closed_by_return, u32, u64, 16384);
+
+/* Forget the frame the last eval return closed; 1 if it was `frame`. */
+static __always_inline int take_closed(u32 tid, u64 frame) {
+    u64 *c = closed_by_return.lookup(&tid);
+    if (!c || !*c) return 0;
+    u64 was = *c;
+    *c = 0;
+    return was == frame;
+}
+
+static __always_inline void push_entry_frame(struct pt_regs *ctx, u32 tid, u64 frame) {
+    u64 code;
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
+    if (!target_id || (flags & CO_SUSPENDABLE)) return;
+    u32 z = 0;
+    struct estack *empty = zero_estack.lookup(&z); /* never written: an all-zero template */
+    if (!empty) return;
+    struct estack *st = estacks.lookup_or_try_init(&tid, empty);
+    if (!st) return;
+    u32 d = st->depth;
+    if (d >= EVAL_DEPTH) { count(C_STACK_OVERFLOW); return; }
+    /* The stack pointer at entry identifies this call: its return has sp + 8. */
+    st->calls[d & (EVAL_DEPTH - 1)].frame = frame;
+    st->calls[d & (EVAL_DEPTH - 1)].sp = PT_REGS_SP(ctx);
+    st->depth = d + 1;
+}
+
+int on_eval_return(struct pt_regs *ctx) {
+    u32 tid;
+    if (!target_pid(&tid)) return 0;
+    count(C_EXIT_HITS);
+    struct estack *st = estacks.lookup(&tid);
+    if (!st || st->depth == 0) return 0;
+    u64 sp = PT_REGS_SP(ctx) - 8;
+    /* Stacked calls have strictly decreasing sp. Those below this one's sp are calls whose
+     * return probe the kernel did not install (uretprobes nest at most 64 deep per task):
+     * they are over, unseen; drop them, counted. */
+    u32 d = st->depth;
+    u32 keep = 0;
+#pragma clang loop unroll(full)
+    for (int i = 0; i < EVAL_DEPTH; i++) {
+        if (i < d && st->calls[i].sp >= sp) keep = i + 1;
+    }
+    for (u32 lost = keep; lost < d && lost < EVAL_DEPTH; lost++) count(C_EVAL_RETURNS_LOST);
+    st->depth = keep;
+    if (keep == 0 || st->calls[(keep - 1) & (EVAL_DEPTH - 1)].sp != sp) return 0; /* not a target's call */
+    u64 frame = st->calls[(keep - 1) & (EVAL_DEPTH - 1)].frame;
+    st->depth = keep - 1;
+    u64 code;
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
+    if (!target_id) return 0;
+    struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
+    if (!e) return 0;
+    if (PT_REGS_RC(ctx) == 0) {
+        u64 *ts = tstates.lookup(&tid);
+        if (ts) fill_exception(e, *ts);
+        e->kind = EV_EXIT_EXC;
+    }
+    closed_by_return.update(&tid, &frame);
+    count(C_TARGET_EXITS);
+    submit(e);
+    return 0;
+}
+#else
+static __always_inline int take_closed(u32 tid, u64 frame) { return 0; }
+static __always_inline void push_entry_frame(struct pt_regs *ctx, u32 tid, u64 frame) {}
+#endif
+
+int on_eval_entry(struct pt_regs *ctx) {
+    u32 tid;
+    if (!target_pid(&tid)) return 0;
+    u64 ts = PT_REGS_PARM1(ctx);
+    tstates.update(&tid, &ts);
+    push_entry_frame(ctx, tid, PT_REGS_PARM2(ctx));
+    return 0;
 }
 
 int on_entry(struct pt_regs *ctx) {
@@ -345,8 +446,10 @@ int on_entry(struct pt_regs *ctx) {
     u64 frame = current_frame(*ts);
     if (!frame) return 0;
     u64 code;
-    u32 target_id = frame_target(frame, &code);
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
+    take_closed(tid, 0);
     return emit_entry(tid, frame, code, target_id);
 }
 
@@ -356,8 +459,10 @@ int on_exit(struct pt_regs *ctx) {
     count(C_EXIT_HITS);
     u64 frame = PT_REGS_PARM1(ctx);
     u64 code;
-    u32 target_id = frame_target(frame, &code);
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
+    if (take_closed(tid, frame)) return 0; /* its eval return reported it */
     struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
     if (!e) return 0;
     u64 *ts = tstates.lookup(&tid);

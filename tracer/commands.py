@@ -26,6 +26,10 @@ def _print_result(res, as_json: bool) -> None:
     c = res.counters
     click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
                f"ring-buffer drops: {c['dropped']:,}; stopped by: {res.stopped_by}")
+    unseen = c.get("stack_overflow", 0) + c.get("eval_returns_lost", 0)
+    if unseen:
+        click.echo(f"exits the kernel could not pair: {unseen:,} (frames nested deeper than the per-thread "
+                   "stacks; their spans show as cut at detach)")
     for label, d in (("cut at attach (entered before the tracer)", lo.cut_at_attach),
                      ("cut at detach (still open)", lo.cut_at_detach),
                      ("events with no open span", lo.orphan_events)):

@@ -27,11 +27,13 @@ from .output import CapturedOutput
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
-            "read_faults", "stack_overflow", "classified")
+            "read_faults", "stack_overflow", "classified", "eval_returns_lost")
 # Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
 # (verified against DWARF by tests/test_capture.py).
 FRAME_SUSPEND_FIELD = {(3, 9): ("OFF_FRAME_STACKTOP", 72), (3, 10): ("OFF_FRAME_STATE", 108)}
 EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND = 1, 2, 3, 4
+# The BPF function behind each probe-site role (bpf/capture.c).
+HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched:
         flags.append("-DPY_EVAL_FRAME")
         macro, off = FRAME_SUSPEND_FIELD[version[:2]]
         flags.append(f"-D{macro}={off}")
+    if version[:2] == (3, 11):
+        flags.append("-DENTRY_FRAMES_END_AT_RETURN")
     if with_sched:
         flags += ["-DWITH_SCHED", f"-DSCHED_NR_CPUS={os.cpu_count() or 1}"]
     return flags
@@ -115,6 +119,9 @@ class CaptureEngine:
         try:
             with out:
                 self.bpf = BPF(text=text.encode(), cflags=_cflags(pid, layout, interp.version, with_sched))
+                # Load (verify) every handler now, so a verifier log lands here, not on the terminal.
+                for fn in set(HANDLERS[s.role] for s in plan.sites):
+                    self.bpf.load_func(fn.encode(), BPF.KPROBE)
         except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
@@ -164,11 +171,11 @@ class CaptureEngine:
         return n
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
-        fn = {"entry": "on_entry", "exit": "on_exit", "tstate": "on_tstate"}
         for site in plan.sites:
+            attach = self.bpf.attach_uretprobe if site.role == "eval-return" else self.bpf.attach_uprobe
             try:
-                self.bpf.attach_uprobe(name=interp.host_path.encode(), addr=site.vaddr,
-                                       fn_name=fn[site.role].encode(), pid=self.pid)
+                attach(name=interp.host_path.encode(), addr=site.vaddr, fn_name=HANDLERS[site.role].encode(),
+                       pid=self.pid)
             except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
                 if not os.path.exists(f"/proc/{self.pid}"):
                     raise TargetGone(f"process {self.pid} exited while attaching") from None

@@ -13,7 +13,12 @@ One explicit strategy per version family, chosen once (py-spy style):
   thread state. Exit = the frame-clear function (`_PyFrame_Clear` on 3.11,
   `_PyFrame_ClearExceptCode` on 3.12/3.13; frame in rdi), which runs on return, on exception
   unwind and when a generator's frame is released. `_PyEval_EvalFrameDefault`'s first
-  instruction (tstate in rdi) teaches the kernel side each thread's state as threads start.
+  instruction (tstate in rdi, frame in rsi) teaches the kernel side each thread's state as
+  threads start. On 3.11 a uretprobe on it sees frames entered from C end: 3.11 clears them
+  in the C caller after the eval loop returns, and an LTO build may inline that clear (Debian's
+  stripped 3.11 does), out of sight of any probe. Generator and coroutine frames are the
+  exception (their eval return is a yield): they end at the frame clear, which is not inlined
+  for them in any build checked. 3.12+ clear every frame inside the eval loop.
 
 Every site is proven to be an instruction boundary: it is a symbol start or a jump-table
 target, and it appears in a linear sweep from that proven start; for handler sites moved
@@ -46,7 +51,7 @@ MAX_FORWARD = 24  # instructions a handler site may move forward looking for an 
 
 @dataclass(frozen=True)
 class ProbeSite:
-    role: str  # "entry" | "exit" | "tstate"
+    role: str  # "entry" | "exit" | "eval-entry" | "eval-return"
     label: str
     vaddr: int  # link-time virtual address in the image
     instruction: str
@@ -265,5 +270,11 @@ def plan_for(image, version: tuple[int, int, int]) -> ProbePlan:
     sites = [_handler_site(ev, name, table[op], f"{how} at {addr:#x}, slot {op}")
              for name, op in RESUME_OPCODES[mm].items()]
     sites.append(_frame_clear_site(image, ev, mm, table))
-    sites.append(_symbol_site(image, EVAL, "tstate", "rdi = tstate, rsi = _PyInterpreterFrame*"))
+    entry = _symbol_site(image, EVAL, "eval-entry", "rdi = tstate, rsi = _PyInterpreterFrame*, rsp = call id")
+    sites.append(entry)
+    if mm == (3, 11):
+        # The same function's return (a uretprobe): where frames entered from C end on 3.11.
+        sites.append(ProbeSite("eval-return", f"{EVAL} (return)", entry.vaddr, entry.instruction, entry.emulated,
+                               f"uretprobe on the start of symbol {EVAL}", "rax = result (NULL on exception), "
+                               "rsp = call id + 8"))
     return ProbePlan(mm, "resume-handlers", tuple(sites))
