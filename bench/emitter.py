@@ -43,9 +43,9 @@ class CallCounter:
         self.events = 0
         self._noop = NoOpEmitter()
 
-    def span(self, name: str) -> Any:
+    def span(self, name: str, attributes: Any = None) -> Any:
         self.spans += 1
-        return self._noop.span(name)
+        return self._noop.span(name, attributes)
 
     def event(self, name: str, attributes: Any = None) -> None:
         self.events += 1

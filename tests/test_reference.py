@@ -70,12 +70,12 @@ class Recorder:
         self.stack: List[Dict[str, Any]] = []
         self.spans: List[Dict[str, Any]] = []
 
-    def span(self, name: str) -> Any:
+    def span(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> Any:
         rec = self
 
         class _Span:
             def __enter__(self) -> Any:
-                self.rec = {"name": name, "attributes": {}, "events": [],
+                self.rec = {"name": name, "attributes": dict(attributes or {}), "events": [],
                             "parent": rec.stack[-1]["name"] if rec.stack else None}
                 rec.stack.append(self.rec)
                 return self
@@ -103,7 +103,7 @@ class Recorder:
 class Forbidden:
     """An emitter no code may touch: the bare build must never call it."""
 
-    def span(self, name: str) -> Any:
+    def span(self, name: str, attributes: Any = None) -> Any:
         raise AssertionError(f"bare build opened span {name}")
 
     def event(self, name: str, attributes: Any = None) -> None:
@@ -145,7 +145,7 @@ def test_step_methods_run_once_per_cycle_inside_their_span():
     rec = Recorder()
     takwin = Takwin(emitter=rec, seed=3)
     step_codes = {getattr(Takwin, n).__code__: n for n in STEPS}
-    run_code = Takwin.run.__code__
+    run_code = Takwin._run_cycle.__code__
     calls: List[tuple] = []
 
     def prof(frame: Any, event: str, arg: Any) -> None:

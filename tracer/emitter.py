@@ -40,9 +40,10 @@ class SpanHandle(Protocol):
 
 @runtime_checkable
 class TelemetryEmitter(Protocol):
-    """What a substrate calls. `span(name)` is a context manager yielding a SpanHandle."""
+    """What a substrate calls. `span(name, attributes)` is a context manager yielding a SpanHandle;
+    attributes given here are set before the span's start is stamped."""
 
-    def span(self, name: str) -> ContextManager[SpanHandle]: ...
+    def span(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> ContextManager[SpanHandle]: ...
 
     def event(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> None: ...
 
@@ -73,7 +74,7 @@ class NoOpEmitter:
     __slots__ = ()
     kind = "noop"
 
-    def span(self, name: str) -> _NoOpSpan:
+    def span(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> _NoOpSpan:
         return _NOOP_SPAN
 
     def event(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> None:
@@ -180,20 +181,20 @@ def _make_exporter_class(sdk: Dict[str, Any]) -> type:
 class _OtelSpanCM:
     """Opens an SDK span as current, stamped with the thread that ran it."""
 
-    __slots__ = ("_emitter", "_name", "_cm")
+    __slots__ = ("_emitter", "_name", "_attributes", "_cm")
 
-    def __init__(self, emitter: OpenTelemetryEmitter, name: str) -> None:
+    def __init__(self, emitter: OpenTelemetryEmitter, name: str, attributes: Optional[Dict[str, Any]]) -> None:
         self._emitter = emitter
         self._name = name
+        self._attributes = attributes
         self._cm: Any = None
 
     def __enter__(self) -> Any:
         t = threading.current_thread()
-        self._cm = self._emitter._tracer.start_as_current_span(
-            self._name,
-            attributes={"thread.id": threading.get_native_id(), "thread.name": t.name},
-            end_on_exit=False,
-        )
+        attributes = {"thread.id": threading.get_native_id(), "thread.name": t.name}
+        if self._attributes:
+            attributes.update(self._attributes)
+        self._cm = self._emitter._tracer.start_as_current_span(self._name, attributes=attributes, end_on_exit=False)
         span = self._cm.__enter__()
         # Stamp the start after the SDK's own work, right before control returns to the
         # wrapped call: the SDK runs tens of Python calls here, and under an exact tracer
@@ -240,8 +241,8 @@ class OpenTelemetryEmitter:
         self._closed = False
         atexit.register(self.shutdown)
 
-    def span(self, name: str) -> _OtelSpanCM:
-        return _OtelSpanCM(self, name)
+    def span(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> _OtelSpanCM:
+        return _OtelSpanCM(self, name, attributes)
 
     def event(self, name: str, attributes: Optional[Dict[str, Any]] = None) -> None:
         now = time.time_ns()

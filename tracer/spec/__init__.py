@@ -5,7 +5,7 @@ attributes. TOML, with line-numbered errors; two specs ship built in (`kimera`, 
     name = "takwin-reference"
 
     [[span]]
-    function = "tracer.reference.takwin:Takwin.run"   # module:qualname
+    function = "tracer.reference.takwin:Takwin._run_cycle"   # module:qualname
     name = "takwin.cycle"
     attributes = { "stimulus.length" = "len(stimulus)" }
 
