@@ -36,10 +36,12 @@
 #define EV_EXIT 2
 #define EV_EXIT_EXC 3
 #define EV_SUSPEND 4 /* 3.9/3.10: a generator frame yields (leaves the eval loop alive) */
+#define EV_RESUME 5  /* 3.11+: RESUME after a yield or await (oparg != 0), not a call's start */
 
 enum counter {
     C_ENTRY_HITS, C_EXIT_HITS, C_TARGET_ENTRIES, C_TARGET_EXITS, C_DROPPED, C_NO_TSTATE,
-    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_EVAL_RETURNS_LOST, C_COUNTERS
+    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_EVAL_RETURNS_LOST, C_OPEN_FULL, C_FRAME_REG_MISMATCH,
+    C_COUNTERS
 };
 
 struct code_info {
@@ -94,7 +96,9 @@ BPF_PERCPU_ARRAY(scratch, struct event, 1);
 struct strbuf_t { char b[NAME_MAX_BYTES + 16]; }; /* slack: clang unrolls the hash loop past the end */
 BPF_PERCPU_ARRAY(strbuf, struct strbuf_t, 1);
 #ifdef PY_EVAL_FRAME
-BPF_HASH(stacks, u32, struct tstack, 16384);
+/* Keyed by thread state: entry and exit sites both receive it, and user space can seed it
+ * (3.9/3.10 thread states carry no kernel TID). */
+BPF_HASH(stacks, u64, struct tstack, 16384);
 BPF_ARRAY(zero_stack, struct tstack, 1);
 #endif
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -258,8 +262,8 @@ static __always_inline int target_pid(u32 *tid) {
     return (id >> 32) == TARGET_TGID;
 }
 
-static __always_inline int emit_entry(u32 tid, u64 frame, u64 code, u32 target_id) {
-    struct event *e = new_event(tid, EV_ENTRY, target_id, frame, code);
+static __always_inline int emit_entry(u32 tid, u16 kind, u64 frame, u64 code, u32 target_id) {
+    struct event *e = new_event(tid, kind, target_id, frame, code);
     if (!e) return 0;
     fill_ancestors(e, frame);
     capture_args(e, frame, target_id);
@@ -282,29 +286,40 @@ int on_entry(struct pt_regs *ctx) {
     if (!target_id) return 0;
     /* Target frames are stacked per thread so the exit site (which does not see the frame)
      * can tell whose exit it is. */
+    u64 tstate = PT_REGS_PARM1(ctx);
     u32 z = 0;
     struct tstack *empty = zero_stack.lookup(&z); /* never written: an all-zero template */
     if (!empty) return 0;
-    struct tstack *st = stacks.lookup_or_try_init(&tid, empty);
+    struct tstack *st = stacks.lookup_or_try_init(&tstate, empty);
     if (!st) return 0;
     u32 d = st->depth;
     if (d >= STACK_DEPTH) { count(C_STACK_OVERFLOW); return 0; }
     st->frames[d & (STACK_DEPTH - 1)] = frame;
     st->depth = d + 1;
-    return emit_entry(tid, frame, code, target_id);
+    /* A generator frame entering for the second time on is a resume, not a call's start. */
+#if PY_MINOR >= 10
+    s8 fstate = 0;
+    bpf_probe_read_user(&fstate, 1, (void *)(frame + OFF_FRAME_STATE));
+    u16 kind = fstate == -2 ? EV_ENTRY : EV_RESUME; /* FRAME_CREATED */
+#else
+    int lasti = 0;
+    bpf_probe_read_user(&lasti, sizeof(lasti), (void *)(frame + OFF_FRAME_PREV_INSTR));
+    u16 kind = lasti == -1 ? EV_ENTRY : EV_RESUME; /* f_lasti is -1 until the first instruction */
+#endif
+    return emit_entry(tid, kind, frame, code, target_id);
 }
 
 int on_exit(struct pt_regs *ctx) {
     u32 tid;
     if (!target_pid(&tid)) return 0;
     count(C_EXIT_HITS);
-    struct tstack *st = stacks.lookup(&tid);
+    u64 tstate = PT_REGS_PARM1(ctx);
+    struct tstack *st = stacks.lookup(&tstate);
     if (!st || st->depth == 0) return 0;
     u32 d = st->depth - 1;
     u64 top = st->frames[d & (STACK_DEPTH - 1)];
     /* At exit_eval_frame, tstate->frame already holds the exiting frame's f_back: the
      * exiting frame is our top target frame exactly when their f_back agree. */
-    u64 tstate = PT_REGS_PARM1(ctx);
     u64 cur = read_ptr(tstate + OFF_TSTATE_FRAME);
     if (read_ptr(top + OFF_FRAME_BACK) != cur) return 0;
     st->depth = d;
@@ -336,6 +351,13 @@ int on_exit(struct pt_regs *ctx) {
 #else
 /* ---- 3.11+: calls are inlined; RESUME marks a frame starting (or resuming) ---- */
 
+/* Target frames now running or suspended, by address. The exit probe fires for every frame
+ * the process releases: one lookup here (a miss, almost always) is all a non-target costs.
+ * The value's code address guards against a stale entry whose exit was never seen. User
+ * space seeds it at attach with the target frames already on the threads' stacks. */
+struct open_frame { u64 code; u32 target_id; u32 pad; };
+BPF_HASH(open_frames, u64, struct open_frame, 65536);
+
 static __always_inline u64 current_frame(u64 tstate) {
 #if OFF_TSTATE_CURRENT_FRAME >= 0
     return read_ptr(tstate + OFF_TSTATE_CURRENT_FRAME);
@@ -343,6 +365,72 @@ static __always_inline u64 current_frame(u64 tstate) {
     u64 cframe = read_ptr(tstate + OFF_TSTATE_CFRAME);
     return cframe ? read_ptr(cframe + OFF_CFRAME_CURRENT_FRAME) : 0;
 #endif
+}
+
+/* A RESUME handler runs with `frame` in a register and `instr` pointing at the RESUME code
+ * unit ({opcode, oparg}); oparg 0 is a call's start, anything else a resume after yield/await. */
+static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
+    u32 tid;
+    if (!target_pid(&tid)) return 0;
+    count(C_ENTRY_HITS);
+#ifdef VERIFY_FRAME_REG
+    /* Tests only: the register the plan proved must hold the frame the thread state names. */
+    u64 *vts = tstates.lookup(&tid);
+    if (vts && current_frame(*vts) != frame) count(C_FRAME_REG_MISMATCH);
+#endif
+    if (!frame) return 0;
+    u64 code;
+    u32 flags;
+    u32 target_id = frame_target(frame, &code, &flags);
+    if (!target_id) return 0;
+    u8 oparg = 0;
+    bpf_probe_read_user(&oparg, 1, (void *)(instr + 1));
+    struct open_frame of = {.code = code, .target_id = target_id};
+    if (open_frames.update(&frame, &of) != 0) count(C_OPEN_FULL);
+    return emit_entry(tid, oparg ? EV_RESUME : EV_ENTRY, frame, code, target_id);
+}
+
+/* One handler per (frame register, where the instruction pointer is) a site needs; the plan
+ * proves the register (the handler's store to frame->prev_instr) and the engine instantiates
+ * ENTRY_AT_REG(frame_reg) (prev_instr already stored) or ENTRY_AT_REGS(frame_reg, instr_reg)
+ * (the store is the probed instruction itself, so its source register holds the pointer). */
+#define ENTRY_AT_REG(F) \
+    int on_entry_##F(struct pt_regs *ctx) { \
+        u64 frame = ctx->F; \
+        return entry_at(ctx, frame, frame ? read_ptr(frame + OFF_FRAME_PREV_INSTR) : 0); }
+#define ENTRY_AT_REGS(F, I) \
+    int on_entry_##F##_##I(struct pt_regs *ctx) { return entry_at(ctx, ctx->F, ctx->I); }
+
+/* Where the plan cannot prove a register: the frame from the thread state (two more reads). */
+int on_entry(struct pt_regs *ctx) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 *ts = tstates.lookup(&tid);
+    if (!ts) { count(C_NO_TSTATE); return 0; }
+    u64 frame = current_frame(*ts);
+    return entry_at(ctx, frame, frame ? read_ptr(frame + OFF_FRAME_PREV_INSTR) : 0);
+}
+
+/* Take `frame` out of the open set if it is a target frame; its target id, or 0. */
+static __always_inline u32 close_frame(u64 frame, u64 *code) {
+    struct open_frame *of = open_frames.lookup(&frame);
+    if (!of) return 0;
+    u64 want = of->code;
+    u32 target_id = of->target_id;
+    open_frames.delete(&frame);
+    *code = read_ptr(frame + OFF_FRAME_CODE);
+    return *code == want ? target_id : 0;
+}
+
+static __always_inline void emit_exit(u32 tid, u64 frame, u64 code, u32 target_id, int by_exception) {
+    struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
+    if (!e) return;
+    u64 *ts = tstates.lookup(&tid);
+    if (ts) {
+        fill_exception(e, *ts);
+        if (by_exception || e->exc_type) e->kind = EV_EXIT_EXC;
+    }
+    count(C_TARGET_EXITS);
+    submit(e);
 }
 
 #ifdef ENTRY_FRAMES_END_AT_RETURN
@@ -354,19 +442,6 @@ struct eval_call { u64 frame; u64 sp; };
 struct estack { u32 depth; u32 pad; struct eval_call calls[EVAL_DEPTH]; };
 BPF_HASH(estacks, u32, struct estack, 4096);
 BPF_ARRAY(zero_estack, struct estack, 1);
-/* Per thread: the frame whose exit the eval return just reported, so that the frame-clear
- * probe (which follows at once where the clear is not inlined) does not report it again.
- * Cleared by the thread's next target event, so a reused frame address is never skipped. */
-BPF_HASH(closed_by_return, u32, u64, 16384);
-
-/* Forget the frame the last eval return closed; 1 if it was `frame`. */
-static __always_inline int take_closed(u32 tid, u64 frame) {
-    u64 *c = closed_by_return.lookup(&tid);
-    if (!c || !*c) return 0;
-    u64 was = *c;
-    *c = 0;
-    return was == frame;
-}
 
 static __always_inline void push_entry_frame(struct pt_regs *ctx, u32 tid, u64 frame) {
     u64 code;
@@ -407,24 +482,13 @@ int on_eval_return(struct pt_regs *ctx) {
     if (keep == 0 || st->calls[(keep - 1) & (EVAL_DEPTH - 1)].sp != sp) return 0; /* not a target's call */
     u64 frame = st->calls[(keep - 1) & (EVAL_DEPTH - 1)].frame;
     st->depth = keep - 1;
+    /* Closing it here also makes the frame-clear probe, where it follows, pass it over. */
     u64 code;
-    u32 flags;
-    u32 target_id = frame_target(frame, &code, &flags);
-    if (!target_id) return 0;
-    struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
-    if (!e) return 0;
-    if (PT_REGS_RC(ctx) == 0) {
-        u64 *ts = tstates.lookup(&tid);
-        if (ts) fill_exception(e, *ts);
-        e->kind = EV_EXIT_EXC;
-    }
-    closed_by_return.update(&tid, &frame);
-    count(C_TARGET_EXITS);
-    submit(e);
+    u32 target_id = close_frame(frame, &code);
+    if (target_id) emit_exit(tid, frame, code, target_id, PT_REGS_RC(ctx) == 0);
     return 0;
 }
 #else
-static __always_inline int take_closed(u32 tid, u64 frame) { return 0; }
 static __always_inline void push_entry_frame(struct pt_regs *ctx, u32 tid, u64 frame) {}
 #endif
 
@@ -437,41 +501,14 @@ int on_eval_entry(struct pt_regs *ctx) {
     return 0;
 }
 
-int on_entry(struct pt_regs *ctx) {
-    u32 tid;
-    if (!target_pid(&tid)) return 0;
-    count(C_ENTRY_HITS);
-    u64 *ts = tstates.lookup(&tid);
-    if (!ts) { count(C_NO_TSTATE); return 0; }
-    u64 frame = current_frame(*ts);
-    if (!frame) return 0;
-    u64 code;
-    u32 flags;
-    u32 target_id = frame_target(frame, &code, &flags);
-    if (!target_id) return 0;
-    take_closed(tid, 0);
-    return emit_entry(tid, frame, code, target_id);
-}
-
 int on_exit(struct pt_regs *ctx) {
     u32 tid;
     if (!target_pid(&tid)) return 0;
     count(C_EXIT_HITS);
     u64 frame = PT_REGS_PARM1(ctx);
     u64 code;
-    u32 flags;
-    u32 target_id = frame_target(frame, &code, &flags);
-    if (!target_id) return 0;
-    if (take_closed(tid, frame)) return 0; /* its eval return reported it */
-    struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
-    if (!e) return 0;
-    u64 *ts = tstates.lookup(&tid);
-    if (ts) {
-        fill_exception(e, *ts);
-        if (e->exc_type) e->kind = EV_EXIT_EXC;
-    }
-    count(C_TARGET_EXITS);
-    submit(e);
+    u32 target_id = close_frame(frame, &code);
+    if (target_id) emit_exit(tid, frame, code, target_id, 0);
     return 0;
 }
 #endif

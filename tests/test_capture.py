@@ -204,3 +204,71 @@ def test_recursion_through_c_deeper_than_uretprobes(ebpf, interpreter):
         assert cut > 0 and res.counters["stack_overflow"] == cut
     else:
         assert seen == 101
+
+
+CUT = r'''
+import sys
+def gen():
+    yield 1
+    yield 2
+def long_running():
+    sys.stdin.readline()  # the tracer attaches while the program waits here
+    return 1
+g = gen()
+next(g)  # suspended before attach
+long_running()
+list(g)
+for _ in range(3): list(gen())
+print("done", flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_frames_running_at_attach_are_cut_not_invented(ebpf, interpreter):
+    """A call already running at attach and a generator suspended before it: their starts are
+    unknown, so neither becomes a span; both are counted cut at attach. Later calls are exact."""
+    interp, python = interpreter
+    spec = parse_spec('[[span]]\nfunction = "__main__:gen"\n[[span]]\nfunction = "__main__:long_running"\n')
+    res = _run_program(python, CUT, spec)
+    assert Counter(s.name for s in res.spans) == {"gen": 3}
+    assert res.losses.cut_at_attach == {"gen": 1, "long_running": 1}
+
+
+LOOP = r'''
+import sys
+def f(x): return x
+def g(x): return f(x) + 1
+sys.stdin.readline()
+for i in range(2000): g(i)
+sorted(range(100), key=f)
+print("done", flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_entry_sites_read_the_frame_register_the_plan_proved(ebpf, interpreter):
+    """3.11+: every RESUME-family site reads the frame from a register (two reads and a map
+    lookup cheaper than the thread state); a verifying build checks, at every entry, that the
+    register holds the thread state's current frame."""
+    from tracer.capture.engine import CaptureEngine
+
+    interp, python = interpreter
+    p = subprocess.Popen([python, "-c", LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        eng = CaptureEngine(p.pid, parse_spec('[[span]]\nfunction = "__main__:f"\n'), verify_frame_register=True)
+        try:
+            if interp.version[:2] >= (3, 11):
+                assert all(s.frame_register for s in eng.info.plan.by_role("entry")), eng.info.plan.sites
+            p.stdin.write(b"\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == b"done\n"
+            events = eng.drain()
+            c = eng.counters()
+        finally:
+            eng.close()
+        assert c["entry_hits"] >= 2100 and c["frame_reg_mismatch"] == 0, c
+        assert sum(1 for e in events if e.kind == 1) == 2100
+    finally:
+        p.kill()
+        p.wait()

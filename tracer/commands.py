@@ -100,7 +100,7 @@ def probes_cmd(pid, as_json):
     interp = find_interpreter(pid)
     image = open_image(interp.host_path)
     layout = layout_for(interp.host_path, interp.version, interp.build_id)
-    plan = plan_for(image, interp.version)
+    plan = plan_for(image, interp.version, layout)
     unavailable = list(plan.unavailable)
     unavailable.append("attribute access (self.x) in specs: not supported on any version")
     if interp.has_usdt:

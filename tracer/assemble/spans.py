@@ -3,8 +3,10 @@
 Pairing is by frame address, not by per-thread order: a frame is one activation, from its
 first RESUME (or eval entry) to its release, so recursion, exceptions and threads pair
 exactly. A generator or coroutine frame lives across suspensions: its span runs from its
-first resumption to its frame's release, and `ophamin.resumes` counts re-entries (on
-3.9/3.10 suspensions are seen too: `ophamin.suspensions`). The parent of a span is the
+first start to its frame's release, and `ophamin.resumes` counts re-entries (on 3.9/3.10
+suspensions are seen too: `ophamin.suspensions`). On 3.11+ the RESUME oparg tells a call's
+start from a resume, so a generator suspended before attach is reported cut at attach, never
+given an invented start. The parent of a span is the
 nearest caller frame (by the frame chain the kernel copied at entry) that is an open span;
 events attach to that same nearest open span.
 
@@ -20,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..capture.engine import EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, RawEvent
+from ..capture.engine import EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_RESUME, EV_SUSPEND, RawEvent
 from ..discover.layout import Layout, _Mem, _read_str
 from ..otlpjson import STATUS_ERROR, STATUS_UNSET, Span, SpanEvent
 from ..spec import MAX_ARGS, Spec, Target
@@ -169,6 +171,13 @@ class Assembler:
             self.hits[t.name] += 1
             if ev.kind == EV_ENTRY:
                 self._entry(t, ev)
+            elif ev.kind == EV_RESUME:
+                # A resume after yield/await: of an open span it is one more resumption; of a
+                # frame not open, a generator started before attach: its start is unknown, so it
+                # opens nothing and its exit counts as cut at attach.
+                o = self.open.get(ev.frame)
+                if o is not None:
+                    o.resumes += 1
             elif ev.kind == EV_SUSPEND:
                 o = self.open.get(ev.frame)
                 if o is not None:

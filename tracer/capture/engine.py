@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..discover.elf import open_image
-from ..discover.layout import Layout, layout_for, walk_threads_live
+from ..discover.layout import Layout, _Mem, _read_str, layout_for, walk_threads_live
 from ..discover.process import Interpreter, find_interpreter
 from ..errors import PrivilegeError, TargetGone, TraceError
-from ..plan.probes import ProbePlan, plan_for
+from ..plan.probes import ProbePlan, ProbeSite, plan_for
 from ..privileges import missing_caps
 from ..spec import MAX_ARGS, Spec
 from .names import NameRule, fnv, rules_for
@@ -27,13 +27,25 @@ from .output import CapturedOutput
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
-            "read_faults", "stack_overflow", "classified", "eval_returns_lost")
-# Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
-# (verified against DWARF by tests/test_capture.py).
-FRAME_SUSPEND_FIELD = {(3, 9): ("OFF_FRAME_STACKTOP", 72), (3, 10): ("OFF_FRAME_STATE", 108)}
-EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND = 1, 2, 3, 4
+            "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch")
+EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, EV_RESUME = 1, 2, 3, 4, 5
 # The BPF function behind each probe-site role (bpf/capture.c).
 HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
+_PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp"}
+
+
+def handler_for(site: ProbeSite) -> tuple[str, str]:
+    """The BPF function a site runs, and the macro line that defines it ("" if capture.c has it).
+
+    Entry sites whose frame register the plan proved get a handler reading that register
+    (bpf/capture.c ENTRY_AT_REG / ENTRY_AT_REGS); the rest read the frame from the thread state."""
+    if site.role != "entry" or not site.frame_register:
+        return HANDLERS[site.role], ""
+    f = _PT_REGS.get(site.frame_register, site.frame_register)
+    if site.instr_register:
+        i = _PT_REGS.get(site.instr_register, site.instr_register)
+        return f"on_entry_{f}_{i}", f"ENTRY_AT_REGS({f}, {i})"
+    return f"on_entry_{f}", f"ENTRY_AT_REG({f})"
 
 
 @dataclass(frozen=True)
@@ -69,28 +81,31 @@ def _need_privileges() -> None:
                              f"{', '.join(missing)} (try: sudo ophamin-trace ...)")
 
 
-def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool) -> list[str]:
+def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
+            verify_frame_register: bool = False) -> list[str]:
     flags = [f"-DTARGET_TGID={pid}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DPY_MINOR={version[1]}"]
     for name, value in layout.to_dict().items():
         if isinstance(value, int):
             flags.append(f"-DOFF_{name.upper()}={value}")
     match = layout.code_qualname if version[:2] >= (3, 11) else layout.code_name
     flags.append(f"-DOFF_CODE_MATCH_NAME={match}")
-    if version[:2] in FRAME_SUSPEND_FIELD:
+    if version[:2] in ((3, 9), (3, 10)):
         flags.append("-DPY_EVAL_FRAME")
-        macro, off = FRAME_SUSPEND_FIELD[version[:2]]
-        flags.append(f"-D{macro}={off}")
     if version[:2] == (3, 11):
         flags.append("-DENTRY_FRAMES_END_AT_RETURN")
     if with_sched:
         flags += ["-DWITH_SCHED", f"-DSCHED_NR_CPUS={os.cpu_count() or 1}"]
+    if verify_frame_register:
+        flags.append("-DVERIFY_FRAME_REG")
     return flags
 
 
 class CaptureEngine:
     """One target process: compile, fill the maps, attach, then `poll()` until `close()`."""
 
-    def __init__(self, pid: int, spec: Spec, *, with_sched: bool = False) -> None:
+    def __init__(self, pid: int, spec: Spec, *, with_sched: bool = False, verify_frame_register: bool = False) -> None:
+        """`verify_frame_register` (tests): count entries where the register the plan proved
+        does not hold the thread state's current frame (counter `frame_reg_mismatch`)."""
         _need_privileges()
         from bcc import BPF  # Debian's python3-bpfcc; imported late so --help works without it
 
@@ -100,7 +115,7 @@ class CaptureEngine:
         interp = find_interpreter(pid)
         image = open_image(interp.host_path)
         layout = layout_for(interp.host_path, interp.version, interp.build_id)
-        plan = plan_for(image, interp.version)
+        plan = plan_for(image, interp.version, layout)
         rules: list[NameRule] = []
         warnings: list[str] = []
         for t in spec.targets:
@@ -111,6 +126,8 @@ class CaptureEngine:
         self._events: list[RawEvent] = []
         self._closed = False
         text = (BPF_DIR / "capture.c").read_text()
+        lines = sorted({handler_for(s)[1] for s in plan.sites} - {""})
+        text += "\n" + "\n".join(lines) + "\n"
         if with_sched:
             text = (BPF_DIR / "sched.c").read_text() + "\n" + text
         t0 = time.monotonic()
@@ -118,9 +135,10 @@ class CaptureEngine:
         out = CapturedOutput()
         try:
             with out:
-                self.bpf = BPF(text=text.encode(), cflags=_cflags(pid, layout, interp.version, with_sched))
+                self.bpf = BPF(text=text.encode(),
+                               cflags=_cflags(pid, layout, interp.version, with_sched, verify_frame_register))
                 # Load (verify) every handler now, so a verifier log lands here, not on the terminal.
-                for fn in set(HANDLERS[s.role] for s in plan.sites):
+                for fn in {handler_for(s)[0] for s in plan.sites}:
                     self.bpf.load_func(fn.encode(), BPF.KPROBE)
         except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
@@ -131,12 +149,12 @@ class CaptureEngine:
         self.info.attach_s = time.monotonic() - t0
         # bcc cannot infer the event type from a struct with nested arrays: use the
         # scratch map's value type, which is the same `struct event`.
-        self._event_type = self.bpf["scratch"].sLeaf
-        self.bpf["events"].open_ring_buffer(self._on_event)
+        self._event_type = self.bpf[b"scratch"].sLeaf
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     # ---- setup ------------------------------------------------------------------------
     def _fill_maps(self, rules: list[NameRule]) -> None:
-        names = self.bpf["names"]
+        names = self.bpf[b"names"]
         slots: dict[int, int] = {}
         for r in rules:
             h = r.key_hash()
@@ -147,7 +165,7 @@ class CaptureEngine:
             k = names.Key(h, slot, 0)
             suffix = r.suffix.encode()
             names[k] = names.Leaf(r.target_id, len(suffix), fnv(suffix), r.firstlineno, int(r.exact))
-        targets = self.bpf["targets"]
+        targets = self.bpf[b"targets"]
         for t in self.spec.targets:
             cfg = targets.Leaf()
             cfg.nargs = MAX_ARGS if t.attributes else 0
@@ -156,25 +174,55 @@ class CaptureEngine:
             targets[ctypes.c_int(t.target_id)] = cfg
 
     def seed_threads(self) -> int:
-        """3.11+: teach the kernel side every existing thread's state (new threads are
-        learnt in the kernel when they first enter the eval loop)."""
-        if self.info.plan.strategy != "resume-handlers":
-            return 0
+        """Right after attach: teach the kernel side the target frames already running, so that
+        their exits are seen (and reported as cut at attach), and on 3.11+ every existing
+        thread's state (new threads are learnt in the kernel when they first enter the eval
+        loop). Returns the number of thread states walked."""
         image = open_image(self.info.interp.host_path)
         runtime = self.info.interp.runtime(image.symbol("_PyRuntime").value)
-        tstates = self.bpf["tstates"]
-        n = 0
-        for th in walk_threads_live(self.pid, self.info.layout, runtime):
+        threads = walk_threads_live(self.pid, self.info.layout, runtime)
+        if self.info.plan.strategy != "resume-handlers":
+            stacks = self.bpf[b"stacks"]
+            for th in threads:
+                running = [f for f, code in reversed(th.chain) if self._classify_live(code)]  # outermost first
+                if running:
+                    st = stacks.Leaf()
+                    st.depth = len(running)
+                    for i, f in enumerate(running[: len(st.frames)]):
+                        st.frames[i] = f
+                    stacks[ctypes.c_ulonglong(th.tstate)] = st
+            return len(threads)
+        tstates = self.bpf[b"tstates"]
+        open_frames = self.bpf[b"open_frames"]
+        for th in threads:
             if th.native_thread_id > 0:
                 tstates[ctypes.c_uint(th.native_thread_id)] = ctypes.c_ulonglong(th.tstate)
-                n += 1
-        return n
+            for frame, code in th.chain:
+                target_id = self._classify_live(code)
+                if target_id:
+                    open_frames[ctypes.c_ulonglong(frame)] = open_frames.Leaf(code, target_id, 0)
+        return len(threads)
+
+    def _classify_live(self, code: int) -> int:
+        """The kernel's classification of one code object, done here on the target's memory."""
+        lay = self.info.layout
+        mem = _Mem(self.pid)
+        try:
+            name = _read_str(mem, lay, mem.u64(code + (lay.code_qualname if self.info.interp.version >= (3, 11)
+                                                           else lay.code_name)))
+            filename = _read_str(mem, lay, mem.u64(code + lay.code_filename))
+            line = mem.u32(code + lay.code_firstlineno)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return 0
+        finally:
+            mem.close()
+        return next((r.target_id for r in self.info.rules if r.matches(name, filename, line)), 0)
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         for site in plan.sites:
             attach = self.bpf.attach_uretprobe if site.role == "eval-return" else self.bpf.attach_uprobe
             try:
-                attach(name=interp.host_path.encode(), addr=site.vaddr, fn_name=HANDLERS[site.role].encode(),
+                attach(name=interp.host_path.encode(), addr=site.vaddr, fn_name=handler_for(site)[0].encode(),
                        pid=self.pid)
             except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
                 if not os.path.exists(f"/proc/{self.pid}"):
@@ -209,7 +257,7 @@ class CaptureEngine:
         return out
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         out = {}
         for i, name in enumerate(COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))

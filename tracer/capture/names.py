@@ -33,6 +33,14 @@ class NameRule:
     def key_hash(self) -> int:
         return fnv(self.match_name.encode())
 
+    def matches(self, name: str, filename: str, firstlineno: int) -> bool:
+        """The kernel's test (bpf/capture.c classify), on values read in user space."""
+        if name != self.match_name:
+            return False
+        if self.exact and filename != self.suffix or not filename.endswith(self.suffix):
+            return False
+        return not self.firstlineno or firstlineno == self.firstlineno
+
 
 def _main_file(pid: int) -> tuple[str, bool] | None:
     """How `__main__`'s file name ends: from `-m MODULE` or the script path in argv."""

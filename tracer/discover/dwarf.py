@@ -46,6 +46,8 @@ SPEC: tuple[tuple[str, int, int, str, str, str], ...] = (
     ("frame_prev_instr", 9, 10, "off", "_frame", "f_lasti"),
     ("frame_prev_instr", 11, 12, "off", "_PyInterpreterFrame", "prev_instr"),
     ("frame_prev_instr", 13, 13, "off", "_PyInterpreterFrame", "instr_ptr"),
+    ("frame_stacktop", 9, 9, "off", "_frame", "f_stacktop"),
+    ("frame_state", 10, 10, "off", "_frame", "f_state"),
     ("frame_owner", 11, 13, "off", "_PyInterpreterFrame", "owner"),
     ("frame_is_entry", 11, 11, "off", "_PyInterpreterFrame", "is_entry"),
     ("code_qualname", 11, 13, "off", "PyCodeObject", "co_qualname"),

@@ -49,6 +49,8 @@ class Layout:
     frame_back: int
     frame_localsplus: int
     frame_prev_instr: int
+    frame_stacktop: int  # 3.9: f_stacktop (non-NULL while a generator is suspended)
+    frame_state: int  # 3.10: f_state (FRAME_CREATED -2, FRAME_SUSPENDED -1, ...)
     frame_owner: int
     frame_is_entry: int
     code_qualname: int
@@ -185,11 +187,13 @@ class LiveThread:
     thread_id: int  # pthread_t
     native_thread_id: int  # kernel TID; -1 on 3.9/3.10 where the struct has none
     frames: tuple[str, ...]  # function names of the current Python stack, innermost first
+    chain: tuple[tuple[int, int], ...] = ()  # (frame address, code address) of the same frames
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["interp"], d["tstate"] = hex(self.interp), hex(self.tstate)
         d["frames"] = list(self.frames)
+        d["chain"] = [[hex(f), hex(c)] for f, c in self.chain]
         return d
 
 
@@ -257,8 +261,9 @@ def _current_frame(mem: _Mem, lay: Layout, tstate: int) -> int:
     return mem.u64(tstate + lay.tstate_current_frame)
 
 
-def _frames(mem: _Mem, lay: Layout, tstate: int, problems: list[str]) -> tuple[str, ...]:
+def _frames(mem: _Mem, lay: Layout, tstate: int, problems: list[str]) -> tuple[tuple[str, ...], tuple]:
     names: list[str] = []
+    chain: list[tuple[int, int]] = []
     frame = _current_frame(mem, lay, tstate)
     seen: set[int] = set()
     while frame and len(names) < MAX_FRAMES:
@@ -281,8 +286,9 @@ def _frames(mem: _Mem, lay: Layout, tstate: int, problems: list[str]) -> tuple[s
             problems.append(f"tstate {tstate:#x}: co_name of code {code:#x} is a {sname!r}, not a str")
             break
         names.append(_read_str(mem, lay, name_obj))
+        chain.append((frame, code))
         frame = mem.u64(frame + lay.frame_back)
-    return tuple(names)
+    return tuple(names), tuple(chain)
 
 
 def _walk(pid: int, lay: Layout, runtime_addr: int) -> tuple[list[LiveThread], list[str]]:
@@ -309,12 +315,12 @@ def _walk(pid: int, lay: Layout, runtime_addr: int) -> tuple[list[LiveThread], l
                 native = mem.u64(tstate + lay.tstate_native_thread_id) \
                     if lay.tstate_native_thread_id >= 0 else -1
                 try:
-                    frames = _frames(mem, lay, tstate, problems)
+                    frames, chain = _frames(mem, lay, tstate, problems)
                 except (OSError, ValueError, UnicodeDecodeError) as e:
                     problems.append(f"tstate {tstate:#x}: unreadable frame chain: {e}")
-                    frames = ()
+                    frames, chain = (), ()
                 threads.append(LiveThread(interp, tstate, mem.u64(tstate + lay.tstate_thread_id),
-                                          native, frames))
+                                          native, frames, chain))
                 tstate = mem.u64(tstate + lay.tstate_next)
             interp = mem.u64(interp + lay.interp_next)
     except OSError as e:

@@ -84,3 +84,47 @@ def _sweep(key: tuple[str, int, int], code: bytes) -> tuple[Insn, ...]:
 def sweep_function(image_path: str, start: int, code: bytes) -> tuple[Insn, ...]:
     """Linear sweep of a whole function (cached: the eval loop is tens of KB)."""
     return _sweep((image_path, start, len(code)), code)
+
+
+# ---- which register holds a pointer at a site -------------------------------------------
+
+_MDD = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_MDD.detail = True
+_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+         "r15")
+_LEGACY = {"rax": "eax ax al ah", "rbx": "ebx bx bl bh", "rcx": "ecx cx cl ch", "rdx": "edx dx dl dh",
+           "rsi": "esi si sil", "rdi": "edi di dil", "rbp": "ebp bp bpl", "rsp": "esp sp spl"}
+# Every name of a general-purpose register's parts, mapped to the 64-bit register.
+_PARENT = {r: r for r in _GPRS}
+for _r, _parts in _LEGACY.items():
+    _PARENT.update({p: _r for p in _parts.split()})
+for _n in range(8, 16):
+    _PARENT.update({f"r{_n}{s}": f"r{_n}" for s in ("d", "w", "b")})
+
+
+def base_register_of_store(code: bytes, address: int, site: int, disp: int) -> tuple[str, int, str] | None:
+    """(R, store address, source register) for the first 8-byte store `mov qword ptr [R + disp], S`
+    (no index register) in the straight-line code from `address` through the instruction at
+    `site`, provided nothing between that store and `site` writes R; None otherwise.
+
+    Used at opcode handlers: their first store is `frame->prev_instr = next_instr`, so R is the
+    frame pointer there, and still is at `site` when no instruction in between writes it.
+    """
+    store: tuple[str, int, str] | None = None
+    for i in _MDD.disasm(code, address):
+        if i.address > site:
+            break
+        if store is not None:
+            # A write after the store (and before the site itself runs) would change R.
+            if i.address < site and store[0] in {_PARENT.get(i.reg_name(r), "") for r in i.regs_access()[1]}:
+                return None
+            continue
+        if i.mnemonic == "mov" and len(i.operands) == 2 and i.operands[0].type == capstone.x86.X86_OP_MEM:
+            m = i.operands[0].mem
+            if i.operands[0].size == 8 and m.index == 0 and m.disp == disp and m.base != 0:
+                base = _PARENT.get(i.reg_name(m.base))
+                src = i.operands[1]
+                source = _PARENT.get(i.reg_name(src.reg), "") if src.type == capstone.x86.X86_OP_REG else ""
+                if base and base not in ("rsp", "rip"):
+                    store = (base, i.address, source)
+    return store

@@ -33,7 +33,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 
 from ..errors import Unsupported
-from .disasm import Insn, disassemble, sweep_function
+from .disasm import Insn, base_register_of_store, disassemble, sweep_function
 
 # Opcode numbers of the RESUME family, per minor version (verified against each
 # interpreter's own `opcode`/`dis` tables by tests/test_plan.py).
@@ -58,6 +58,11 @@ class ProbeSite:
     emulated: bool
     proof: str
     registers: str  # what the BPF handler reads from registers at this site
+    # Entry sites where a register provably holds the frame (else it is read from the thread
+    # state): that register, and the register holding the RESUME instruction's address when
+    # frame->prev_instr is not yet stored at the site ("" when it is).
+    frame_register: str = ""
+    instr_register: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,13 +185,31 @@ def find_opcode_table(image) -> tuple[int, list[int], str]:
     return found[0]
 
 
-def _handler_site(ev: _Eval, name: str, start: int, table_how: str) -> ProbeSite:
+def _frame_register(ev: _Eval, start: int, site: int, prev_instr_off: int) -> tuple[str, str, str]:
+    """(frame register, instruction-pointer register, proof) at a handler site, or empties."""
+    if prev_instr_off < 0:
+        return "", "", ""
+    found = base_register_of_store(ev.image.read(start, site - start + 16), start, site, prev_instr_off)
+    if found is None:
+        return "", "", ""
+    reg, at, source = found
+    if at == site and not source:
+        return "", "", ""
+    proof = (f"{reg} = frame: the handler stores next_instr to [{reg} + {prev_instr_off:#x}] (frame->prev_instr) "
+             f"at {at:#x} and nothing writes {reg} before the site")
+    return reg, (source if at == site else ""), proof
+
+
+def _handler_site(ev: _Eval, name: str, start: int, table_how: str, prev_instr_off: int) -> ProbeSite:
     """The cheapest instruction that runs exactly once per execution of a handler."""
     if start not in ev.starts and not ev.inside(start):
         # Cold handlers lie outside the eval loop; decode from the table target itself.
         insn = ev.insn_at(start)
+        reg, ireg, why = _frame_register(ev, start, start, prev_instr_off)
         return ProbeSite("entry", f"{name} handler", start, insn.text, insn.emulated,
-                         f"jump-table target ({table_how}), outside the eval loop", "none")
+                         f"jump-table target ({table_how}), outside the eval loop" + (f"; {why}" if why else ""),
+                         f"{reg} = _PyInterpreterFrame*" if reg else "none (frame read from the thread state)",
+                         reg, ireg)
     if start not in ev.starts:
         raise Unsupported(f"{name} handler {start:#x} is not on the eval loop's instruction boundaries")
     idx = next(k for k, i in enumerate(ev.insns) if i.address == start)
@@ -205,8 +228,12 @@ def _handler_site(ev: _Eval, name: str, start: int, table_how: str) -> ProbeSite
     if chosen is not first:
         proof += (f"; moved {chosen.address - start} bytes forward along straight-line code to an "
                   f"emulated instruction, no branch target in between")
-    return ProbeSite("entry", f"{name} handler", chosen.address, chosen.text, chosen.emulated,
-                     proof, "none (frame read from the thread state)")
+    reg, ireg, why = _frame_register(ev, start, chosen.address, prev_instr_off)
+    if why:
+        proof += f"; {why}"
+    return ProbeSite("entry", f"{name} handler", chosen.address, chosen.text, chosen.emulated, proof,
+                     f"{reg} = _PyInterpreterFrame*" if reg else "none (frame read from the thread state)",
+                     reg, ireg)
 
 
 def _frame_clear_site(image, ev: _Eval, version: tuple[int, int], table: list[int]) -> ProbeSite:
@@ -257,8 +284,11 @@ def _eval_exit_site_310(ev: _Eval) -> ProbeSite:
                      "__func__ of the eval loop", "rdi = tstate, rdx = retval (NULL on exception)")
 
 
-def plan_for(image, version: tuple[int, int, int]) -> ProbePlan:
+def plan_for(image, version: tuple[int, int, int], layout=None) -> ProbePlan:
+    """The plan for one build. With its `layout` (3.11+), entry sites whose frame register can be
+    proven read the frame from that register; without, they read it from the thread state."""
     mm = version[:2]
+    prev_instr_off = layout.frame_prev_instr if layout is not None else -1
     if mm in ((3, 9), (3, 10)):
         ev = _Eval(image, None)
         entry = _symbol_site(image, EVAL, "entry", "rdi = tstate, rsi = PyFrameObject*")
@@ -267,7 +297,7 @@ def plan_for(image, version: tuple[int, int, int]) -> ProbePlan:
         raise Unsupported(f"CPython {'.'.join(map(str, version))} is not supported (3.9-3.13 are)")
     addr, table, how = find_opcode_table(image)
     ev = _Eval(image, table)
-    sites = [_handler_site(ev, name, table[op], f"{how} at {addr:#x}, slot {op}")
+    sites = [_handler_site(ev, name, table[op], f"{how} at {addr:#x}, slot {op}", prev_instr_off)
              for name, op in RESUME_OPCODES[mm].items()]
     sites.append(_frame_clear_site(image, ev, mm, table))
     entry = _symbol_site(image, EVAL, "eval-entry", "rdi = tstate, rsi = _PyInterpreterFrame*, rsp = call id")
