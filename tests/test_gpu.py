@@ -61,6 +61,9 @@ def test_stream_files_use_nvml_field_layouts(path):
     assert data["clock"]["nvml_timestamp_unit"] == "us"
     n = 0
     for dev in data["devices"]:
+        assert set(dev) == {"index", "uuid", "name", "samples", "process_utilization", "compute_running_processes",
+                            "errors", "pids_seen"}
+        assert set(dev["samples"]) <= {G.GPU_UTIL, G.MEM_UTIL}
         for block in dev["samples"].values():
             for s in block["samples"]:
                 assert set(s) == fields(pynvml.c_nvmlSample_t)

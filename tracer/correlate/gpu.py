@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -137,6 +137,7 @@ class _Device:
     proc_mem: _Series = field(default_factory=_Series)
     memory: Dict[int, Optional[int]] = field(default_factory=dict)  # poll -> bytes (None: N/A)
     first_seen_ns: Optional[int] = None  # first time the target showed up on this device
+    pids_seen: set = field(default_factory=set)  # every PID NVML listed on it (diagnostics)
 
 
 class GpuStream:
@@ -152,7 +153,8 @@ class GpuStream:
         self.clock_error = ""
         self.offset_ns = 0
         self.devices: Dict[int, _Device] = {}
-        self.mem_polls: List[Tuple[int, int]] = []  # (t_ns, poll) of each process-list read
+        self.mem_polls: List[Tuple[int, int]] = []  # (t_ns, poll) of each process-list read, in time order
+        self._poll_seen: set = set()
         self.last_poll_ns = 0
         self.lock = threading.Lock()
 
@@ -218,10 +220,18 @@ class GpuStream:
                 d.memory[poll] = sum(int(p["usedGpuMemory"]) for p in mine)
             if mine and (d.first_seen_ns is None or t_ns < d.first_seen_ns):
                 d.first_seen_ns = t_ns
-            if not self.mem_polls or self.mem_polls[-1][1] != poll:
-                self.mem_polls.append((t_ns, poll))
+            if poll not in self._poll_seen:
+                # One entry per poll, whichever device was read first in it.
+                self._poll_seen.add(poll)
+                insort(self.mem_polls, (t_ns, poll))
             if self.keep_raw:
                 d.compute_running_processes.append({"poll": poll, "t_ns": t_ns, "processes": mine})
+
+    def note_pids(self, index: int, pids: List[int]) -> None:
+        """PIDs NVML listed on a device, the target's or not: when the target never shows up,
+        they tell a PID-namespace mismatch from a process that really used no GPU."""
+        with self.lock:
+            self.devices.setdefault(index, _Device(index)).pids_seen.update(int(p) for p in pids)
 
     def add_error(self, index: int, call: str, error: str, t_ns: Optional[int] = None) -> None:
         t = time.time_ns() if t_ns is None else t_ns
@@ -245,6 +255,7 @@ class GpuStream:
             k = bisect_left(self.mem_polls, (before_ns, -1))
             if k > 1:  # keep one reading before the horizon: it is the next span's start value
                 for _t, poll in self.mem_polls[:k - 1]:
+                    self._poll_seen.discard(poll)
                     for d in self.devices.values():
                         d.memory.pop(poll, None)
                 del self.mem_polls[:k - 1]
@@ -283,6 +294,7 @@ class GpuStream:
                     "process_utilization": list(d.process_utilization),
                     "compute_running_processes": list(d.compute_running_processes),
                     "errors": {k: dict(v) for k, v in d.errors.items()},
+                    "pids_seen": sorted(d.pids_seen),
                 } for d in sorted(self.devices.values(), key=lambda d: d.index)],
             }
 
@@ -304,7 +316,7 @@ class GpuStream:
             for rec in dev.get("compute_running_processes", []):
                 s.add_processes(i, int(rec["poll"]), int(rec["t_ns"]), list(rec["processes"]))
             s.devices[i].errors = {k: dict(v) for k, v in dev.get("errors", {}).items()}
-        s.mem_polls.sort()
+            s.note_pids(i, dev.get("pids_seen", []))
         s.last_poll_ns = max((t for t, _ in s.mem_polls), default=0)
         return s
 
@@ -379,14 +391,19 @@ def _memory(stream: GpuStream, devices: List[_Device], s_ns: int, e_ns: int) -> 
     return {A_MEM_START: totals[0], A_MEM_END: totals[-1], A_MEM_MAX: max(totals), A_MEM_SAMPLES: len(totals)}
 
 
-def span_gpu(stream: GpuStream, start_ns: int, end_ns: int) -> Dict[str, Any]:
-    """The `ophamin.gpu.*` attributes of a span running from start_ns to end_ns (Unix ns)."""
+def span_gpu(stream: GpuStream, start_ns: int, end_ns: int,
+             devices: Optional[List[int]] = None) -> Dict[str, Any]:
+    """The `ophamin.gpu.*` attributes of a span running from start_ns to end_ns (Unix ns),
+    over the GPUs the target had used by then (or over `devices`, for diagnostics)."""
     with stream.lock:
         if stream.clock is None:
             reason = stream.clock_error or "no NVML utilisation sample arrived (NVML clock unknown)"
             return {A_UTIL_UNAVAILABLE: reason, A_MEM_UNAVAILABLE: reason}
-        used = sorted((d for d in stream.devices.values()
-                       if d.first_seen_ns is not None and d.first_seen_ns <= end_ns), key=lambda d: d.index)
+        if devices is not None:
+            used = [stream.devices[i] for i in sorted(devices) if i in stream.devices]
+        else:
+            used = sorted((d for d in stream.devices.values()
+                           if d.first_seen_ns is not None and d.first_seen_ns <= end_ns), key=lambda d: d.index)
         out: Dict[str, Any] = {A_DEVICES: [d.index for d in used], A_UUIDS: [d.uuid for d in used]}
         if not used:
             reason = f"the process used no GPU: PID {stream.pid} is in no NVML process list"
@@ -437,6 +454,7 @@ class GpuEnricher:
         self.sampler.start()
         if not self.sampler.ready.wait(init_timeout_s):
             self._unavailable = f"NVML did not answer within {init_timeout_s:g} s (nvmlInit blocked)"
+            self.sampler.stop(0)  # should nvmlInit return later, the thread ends instead of sampling
         elif self.sampler.availability is not None and not self.sampler.availability.available:
             self._unavailable = self.sampler.availability.reason
 
@@ -511,7 +529,10 @@ class GpuEnricher:
         if why:
             out["status"], out["reason"] = "degraded", why
         elif not any(d["used_by_target"] for d in devices):
-            out["reason"] = f"PID {self.pid} used no GPU (it appeared in no NVML process list)"
+            others = sorted(set().union(*(d.pids_seen for d in st.devices.values())))
+            out["reason"] = (f"PID {self.pid} used no GPU (it appeared in no NVML process list"
+                             + (f"; NVML listed PIDs {', '.join(map(str, others[:8]))}: another PID namespace?"
+                                if others else "") + ")")
         return out
 
     def close(self) -> None:

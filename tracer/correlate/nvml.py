@@ -281,6 +281,7 @@ class NvmlSampler:
             # lastSeenTimeStamp is the newest sample of any process: the next call then returns
             # only what is newer, for every process.
             last[(i, "process")] = max(int(s.timeStamp) for s in fresh)
+            self.stream.note_pids(i, [int(s.pid) for s in fresh])
             mine = [process_utilization_record(s) for s in fresh if int(s.pid) == self.pid]
             if mine:
                 self.stream.add_process_utilization(i, mine)
@@ -293,6 +294,7 @@ class NvmlSampler:
             self.stream.add_error(i, "nvmlDeviceGetComputeRunningProcesses", _error_name(nvml, e))
             return
         t1 = time.time_ns()
+        self.stream.note_pids(i, [int(p.pid) for p in procs])
         # Only the target's entries are kept: other processes' memory describes no span.
         self.stream.add_processes(i, self.polls, (t0 + t1) // 2,
                                   [process_info_record(p) for p in procs if int(p.pid) == self.pid])

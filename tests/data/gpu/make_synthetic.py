@@ -8,7 +8,8 @@ NVML_VALUE_TYPE_UNSIGNED_INT = 1)}, `c_nvmlProcessUtilizationSample_t` {pid, tim
 smUtil, memUtil, encUtil, decUtil}, and the processes of
 `nvmlDeviceGetComputeRunningProcesses` (`c_nvmlProcessInfo_t`: {pid, usedGpuMemory (bytes),
 gpuInstanceId, computeInstanceId}). `poll` and `t_ns` (Unix ns, the tracer's clock when it
-read the process list) are the tracer's own fields. The values are invented so that the
+read the process list), `errors` and `pids_seen` (every PID NVML listed on the device) are the
+tracer's own fields. The values are invented so that the
 expected attribution can be worked out by hand (tests/test_gpu.py does): a 200 ms sample
 period (inside NVML's documented 1/6 s to 1 s), aligned on round times.
 
@@ -69,6 +70,7 @@ def one_gpu() -> dict:
                                       [proc(777, k, 3, 1) for k in ks], key=lambda r: r["timeStamp"]),
         "compute_running_processes": polls(lambda t: 812 * MIB if 1.2 <= t < 1.8 else 300 * MIB),
         "errors": {},
+        "pids_seen": [777, PID],
     }
     return {
         "format": "ophamin-trace/nvml-stream/1",
@@ -99,6 +101,7 @@ def two_gpus() -> dict:
         "process_utilization": [proc(999, k, 80, 20) for k in ks],
         "compute_running_processes": [dict(r, processes=[]) for r in polls(lambda t: None)],
         "errors": {},
+        "pids_seen": [999],
     }
     d2 = {  # the target's second GPU: half as busy in the GPU step, 100 MiB throughout
         "index": 2, "uuid": "GPU-22222222-2222-4222-8222-222222222222", "name": "synthetic (no real device)",
@@ -111,6 +114,7 @@ def two_gpus() -> dict:
         "errors": {"nvmlDeviceGetProcessUtilization": {
             "error": "Unknown Error", "count": 2, "first_ns": (T0 + 3_000_000) * 1000,
             "last_ns": (T0 + 3_100_000) * 1000}},
+        "pids_seen": [PID],
     }
     base["provenance"]["description"] = ("made by tests/data/gpu/make_synthetic.py; no GPU was involved. "
                                          "Three GPUs; the target uses 0 and 2, another process uses 1.")
