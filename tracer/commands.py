@@ -42,8 +42,12 @@ def _print_result(res, as_json: bool) -> None:
     for name, info in res.exporters.items():
         click.echo(f"{name}: {info}")
     for name, summary in res.enrichers.items():
-        reason = f": {summary['reason']}" if summary.get("reason") else ""
-        click.echo(f"{name}: {summary.get('status', '?')}{reason}")
+        click.echo(_enricher_line(name, summary))
+
+
+def _enricher_line(name: str, summary: dict) -> str:
+    reason = f": {summary['reason']}" if summary.get("reason") else ""
+    return f"{name}: {summary.get('status', '?')}{reason}"
 
 
 @click.command("trace", context_settings={"ignore_unknown_options": False})
@@ -55,10 +59,12 @@ def _print_result(res, as_json: bool) -> None:
 @click.option("--duration", type=float, help="Stop after this many seconds.")
 @click.option("--sched/--no-sched", default=False, show_default=True,
               help="Add scheduler and memory attributes to each span.")
+@click.option("--gpu/--no-gpu", default=True, show_default=True,
+              help="Add NVML GPU utilisation and memory to each span; without a GPU one line says why.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, no_status, command):
+def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, gpu, as_json, no_status, command):
     """Attach to a Python process and turn the spec's functions into spans.
 
     \b
@@ -77,7 +83,7 @@ def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, n
     if command:
         pid = launch(list(command))
     res = run_trace(pid, spec, output=output, otlp_endpoint=otlp_endpoint, duration=duration,
-                    status=not no_status, with_sched=sched)
+                    status=not no_status, with_sched=sched, enrichers=("gpu",) if gpu else ())
     _print_result(res, as_json)
 
 
@@ -130,8 +136,10 @@ def probes_cmd(pid, as_json):
 @click.option("--python", "python", default=None, help="Interpreter to run the substrate (default: this one).")
 @click.option("--out", "out_dir", default="validate-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--max-p99-us", default=50.0, show_default=True, help="Timing threshold after the offset fit.")
+@click.option("--gpu/--no-gpu", default=False, show_default=True,
+              help="Run the substrate's GPU step (where a GPU and CuPy or PyTorch exist) and add GPU data to spans.")
 @click.option("--json", "as_json", is_flag=True)
-def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, as_json):
+def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, as_json):
     """Run the reference substrate with its in-process emitter, trace it, and check parity.
 
     \b
@@ -140,7 +148,7 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, as_json):
       sudo ophamin-trace validate --python /usr/bin/python3.11 --json
     Exit 0 when the eBPF spans match the emitter's within thresholds, 1 otherwise.
     """
-    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us)
+    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us, gpu=gpu)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -148,12 +156,14 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, as_json):
         click.echo("\nper_step_timing (ms): " + ", ".join(
             f"{k}: median {v['median_ms']:.3f} p10 {v['p10_ms']:.3f} p90 {v['p90_ms']:.3f}"
             for k, v in res["per_step_timing"].items()))
+        for name, summary in res["trace"]["enrichers"].items():
+            click.echo(_enricher_line(name, summary))
         click.echo(f"\nverdict: {'PASS' if res['passed'] else 'FAIL'}  (files in {out_dir})")
     sys.exit(0 if res["passed"] else 1)
 
 
 def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us: float,
-                 with_sched: bool = False) -> dict:
+                 with_sched: bool = False, gpu: bool = False) -> dict:
     from .compare.parity import Thresholds, compare  # noqa: PLC0415
     from .otlpjson import read_spans  # noqa: PLC0415
     from .session import run_trace  # noqa: PLC0415
@@ -168,7 +178,7 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
     try:
         proc = subprocess.Popen(
             [python, "-m", "tracer.reference", "--cycles", str(cycles), "--cycle-ms", str(cycle_ms),
-             "--wait-for-attach", "--out", str(out / "cycles.jsonl")],
+             "--wait-for-attach", "--out", str(out / "cycles.jsonl"), *(["--gpu"] if gpu else [])],
             env=env, stdout=subprocess.PIPE, text=True)
     except OSError as e:
         raise TraceError(f"cannot run {python}: {e.strerror}") from None
@@ -176,7 +186,7 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
     if not first:
         raise TraceError(f"the reference substrate did not start under {python}")
     res = run_trace(proc.pid, load_spec("reference"), output=str(ebpf), status=False, with_sched=with_sched,
-                    on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1))
+                    enrichers=("gpu",) if gpu else (), on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1))
     proc.wait()  # the emitter flushes its file at exit
     report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
     steps = {s.name: {"median_ms": s.median_ns / 1e6, "p10_ms": s.p10_ns / 1e6, "p90_ms": s.p90_ns / 1e6,

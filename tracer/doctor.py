@@ -9,7 +9,6 @@ a PASS proves the whole path (headers, compiler, verifier, uprobe, ring buffer) 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gzip
@@ -357,40 +356,18 @@ def check_bcc_load(bcc: Any, privileged: bool) -> Check:
 
 
 def check_nvml() -> Check:
+    # The same availability function the `gpu` enricher uses: doctor and trace give one reason.
+    from .correlate.nvml import nvml_availability
+
     name = "NVML (GPU)"
     fix_none = "none needed: GPU attribution is reported unavailable, tracing works without it"
-    try:
-        import pynvml
-    except ImportError as e:
-        return Check(name, WARN, f"pynvml not importable: {e}", "pip install nvidia-ml-py")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        libmissing = isinstance(e, getattr(pynvml, "NVMLError_LibraryNotFound", ()))
-        what = "no NVIDIA driver (libnvidia-ml.so not found)" if libmissing else f"nvmlInit failed: {e}"
-        return Check(name, WARN, what, fix_none, data={"driver": False})
-    except Exception as e:  # a GPU problem must never break the doctor
-        return Check(name, WARN, f"nvmlInit failed: {type(e).__name__}: {e}", fix_none,
-                     data={"driver": False})
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        names = []
-        for i in range(count):
-            n = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-            names.append(n.decode() if isinstance(n, bytes) else n)
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        drv = drv.decode() if isinstance(drv, bytes) else drv
-    except Exception as e:
-        return Check(name, WARN, f"NVML query failed: {type(e).__name__}: {e}", fix_none,
-                     data={"driver": True})
-    finally:
-        # A shutdown failure changes nothing reported.
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-    data = {"driver": drv, "gpus": names}
-    if count == 0:
-        return Check(name, WARN, f"driver {drv}, no GPU", fix_none, data=data)
-    return Check(name, PASS, f"driver {drv}, {count} GPU(s): {', '.join(names)}", data=data)
+    got = nvml_availability()
+    data = {"driver": got.driver, "gpus": [d["name"] for d in got.devices], "reason": got.reason}
+    if not got.available:
+        fix = "pip install nvidia-ml-py" if got.reason.startswith("nvidia-ml-py") else fix_none
+        return Check(name, WARN, f"GPU data unavailable: {got.reason}", fix, data=data)
+    names = [f"{d['index']}: {d['name']}" for d in got.devices]
+    return Check(name, PASS, f"driver {got.driver}, {len(names)} GPU(s): {', '.join(names)}", data=data)
 
 
 def check_interpreters() -> Check:

@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 from .assemble.spans import Assembler, Clock, Losses, resource_for
 from .assemble.values import TypeAddrs
 from .capture.engine import CaptureEngine
+from .correlate.gpu import GpuEnricher
 from .discover.elf import open_image
 from .discover.process import is_alive
 from .errors import TraceError
@@ -159,9 +160,12 @@ class Enricher(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `finish()`, called once when capture stops, before the last spans are
+    # released; it may wait (bounded) for data that covers them.
+
 
 # Enrichers by name: a factory (pid, options) -> an Enricher.
-ENRICHERS: dict[str, Callable[[int, TraceOptions], Enricher]] = {}
+ENRICHERS: dict[str, Callable[[int, TraceOptions], Enricher]] = {"gpu": GpuEnricher}
 
 
 class _HeldSpans:
@@ -263,6 +267,8 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
                 sys.stderr.flush()
                 last_status, last_hits = now, hits
         for e in enrichers:
+            if hasattr(e, "finish"):
+                e.finish()
             e.poll()
         deliver(held.release(capture.drain(), final=True))
         counters = capture.counters()

@@ -1,5 +1,5 @@
 """Batch runner: `python -m tracer.reference --cycles N [--cycle-ms M] [--seed S]
-[--wait-for-attach [--attach-timeout S]] [--out FILE]`.
+[--wait-for-attach [--attach-timeout S]] [--out FILE] [--gpu [--gpu-ms MS]]`.
 
 stdout line 1: {"pid", "python", "numpy", "emitter"} (flushed), so a tracer can attach to the
 PID. With --wait-for-attach the runner then blocks until SIGUSR1 (the tracer sends it once its
@@ -52,6 +52,10 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--attach-timeout", type=float, default=None,
                     help="with --wait-for-attach: give up (exit 3) after this many seconds")
     ap.add_argument("--out", help="write the per-cycle lines here instead of stdout")
+    ap.add_argument("--gpu", action="store_true",
+                    help="add the GPU step to each cycle where a CUDA device and CuPy or PyTorch exist "
+                         "(else it is skipped, with the reason on stderr and in line 1)")
+    ap.add_argument("--gpu-ms", type=float, default=400.0, help="with --gpu: GPU work per cycle (ms)")
     args = ap.parse_args(argv)
     if args.cycles < 0:
         ap.error("--cycles must be >= 0")
@@ -68,16 +72,30 @@ def main(argv: Optional[list] = None) -> int:
     signal.signal(signal.SIGUSR1, _ignore_signal)
     if args.wait_for_attach:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    _line(sys.stdout, {"pid": os.getpid(), "python": platform.python_version(),
-                       "numpy": HAVE_NUMPY, "emitter": getattr(emitter, "kind", "custom")})
+    takwin = None
+    head = {"pid": os.getpid(), "python": platform.python_version(),
+            "numpy": HAVE_NUMPY, "emitter": getattr(emitter, "kind", "custom")}
+    if args.gpu:
+        # Before line 1: the CUDA context is created here, before any tracer attaches.
+        takwin = Takwin(emitter=emitter, seed=args.seed, cycle_ms=args.cycle_ms)
+        skipped = takwin.enable_gpu(args.gpu_ms)
+        if skipped:
+            print(f"tracer.reference: GPU step skipped: {skipped}", file=sys.stderr)
+        head["gpu"] = {"enabled": not skipped, "reason": skipped,
+                       "backend": takwin.gpu.backend if takwin.gpu else "",
+                       "device": takwin.gpu.device if takwin.gpu else ""}
+    _line(sys.stdout, head)
     if args.wait_for_attach:
         if not _wait_for_sigusr1(args.attach_timeout):
             print(f"tracer.reference: error: no SIGUSR1 within {args.attach_timeout:g}s", file=sys.stderr)
+            if takwin is not None:
+                takwin.close()
             return 3
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
-    takwin = Takwin(emitter=emitter, seed=args.seed, cycle_ms=args.cycle_ms)
+    if takwin is None:
+        takwin = Takwin(emitter=emitter, seed=args.seed, cycle_ms=args.cycle_ms)
     batch = hashlib.sha256()
     ok_count = 0
     try:

@@ -92,7 +92,7 @@ class _Stripper(ast.NodeTransformer):
 
 # What the wired source holds; the loader refuses to build if the stripper saw anything else.
 EXPECTED = {
-    "takwin": {"spans": 7, "events": 0, "set_attributes": 0},
+    "takwin": {"spans": 8, "events": 0, "set_attributes": 0},  # 7 steps + the optional GPU step
     "gwf": {"spans": 0, "events": 1, "set_attributes": 0},
     "walker": {"spans": 0, "events": 1, "set_attributes": 0},
     "scar": {"spans": 0, "events": 1, "set_attributes": 0},

@@ -113,6 +113,19 @@ class Takwin:
         self._vault = Vault()
         self._recent: List[Tuple[int, ...]] = []
         self.numpy = HAVE_NUMPY
+        self.gpu: Any = None  # a warmed-up reference.gpu.GpuWork once enable_gpu() succeeded
+
+    def enable_gpu(self, work_ms: float = 400.0) -> str:
+        """Add the GPU step to every cycle from now on. Returns "" when it will run, else why it
+        is skipped (no CUDA device, no CuPy or PyTorch). Results and digests do not change."""
+        from .gpu import GpuWork
+
+        work = GpuWork(work_ms)
+        if work.reason:
+            return work.reason
+        work.warm_up()
+        self.gpu = work
+        return ""
 
     def close(self) -> None:
         self._vault.close()
@@ -138,6 +151,9 @@ class Takwin:
             step6 = self._step6_vault(index, step3)
         with self._emitter.span("takwin.step7_render"):
             rendered = self._step7_render(index, step1, step2, step3, step5)
+        if self.gpu is not None:
+            with self._emitter.span("takwin.gpu_project"):
+                self._gpu_project(step2)
         return self._result(index, step1, step2, step3, dissonances, step5, step6, rendered)
 
     # ---- the steps ----------------------------------------------------------------------
@@ -199,6 +215,11 @@ class Takwin:
     def _step7_render(self, index: int, step1: Screen, step2: Encoding, walk: WalkResult,
                       step5: Consolidation) -> str:
         return " ".join(self._render_parts(index, step1, step2, walk, step5))
+
+    def _gpu_project(self, step2: Encoding) -> float:
+        # Optional GPU step (reference/gpu.py): its checksum stays out of the digest, which must
+        # not depend on whether, or on which, GPU ran it.
+        return self.gpu.run(step2.graph_seed)
 
     # ---- helpers (not steps) ------------------------------------------------------------
 

@@ -28,6 +28,8 @@ BLOCKED = "ophamin.sched.blocked_ns"
 SCHED_KEYS = (ON_CPU, RUN_QUEUE, BLOCKED)
 GPU_SM = "ophamin.gpu.sm_util_pct"
 GPU_UNAVAILABLE = "ophamin.gpu.unavailable"
+# Per-span reasons the gpu enricher writes (tracer/correlate/gpu.py) when a span has no figure.
+GPU_SPAN_REASONS = ("ophamin.gpu.process_util_unavailable", "ophamin.gpu.util_unavailable")
 
 MAX_ATTR_CHARS = 300  # long attribute strings are cut in the page so one span cannot bloat it
 
@@ -58,6 +60,10 @@ def gpu_unavailable_reason(spans: Sequence[Span]) -> str:
         reason = s.resource.get(GPU_UNAVAILABLE)
         if reason:
             return str(reason)
+    for s in spans:
+        for key in GPU_SPAN_REASONS:
+            if s.attributes.get(key):
+                return str(s.attributes[key])
     return f"no span carries {GPU_SM} (traced without GPU sampling, or no GPU samples overlapped a span)"
 
 
