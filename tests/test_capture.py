@@ -13,6 +13,8 @@ from tracer.otlpjson import STATUS_ERROR
 from tracer.session import run_trace
 from tracer.spec import parse_spec
 
+ROOT = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+
 PROGRAM = r'''
 import sys, threading, asyncio, os
 def leaf(x): return x + 1
@@ -272,3 +274,35 @@ def test_entry_sites_read_the_frame_register_the_plan_proved(ebpf, interpreter):
     finally:
         p.kill()
         p.wait()
+
+
+STARTUP = '''
+def early(): return 1
+early(); early()  # the program's very first calls
+def later(n): return n
+for i in range(5): later(i)
+'''
+
+
+def test_launch_mode_sees_the_first_calls(ebpf, interpreter, tmp_path):
+    """`ophamin-trace -- python prog.py` holds the command until its interpreter is mapped, so
+    the calls it makes microseconds after start are traced too; through `env` as well."""
+    interp, python = interpreter
+    prog = tmp_path / "prog.py"
+    prog.write_text(STARTUP)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[span]]\nfunction = "__main__:early"\n[[span]]\nfunction = "__main__:later"\n')
+    for argv in ([python, str(prog)], ["/usr/bin/env", python, str(prog)]):
+        r = subprocess.run([sys.executable, "-m", "tracer.cli", "--spec", str(spec), "--no-gpu", "--json", "--",
+                            *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        out = __import__("json").loads(r.stdout)
+        assert {s["name"]: s["count"] for s in out["stats"]} == {"early": 2, "later": 5}, out
+        assert out["stopped_by"] == "target exited"
+
+
+def test_launch_mode_refuses_what_is_not_python(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", "--no-gpu", "--", "/bin/true"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "before its interpreter was mapped" in r.stderr, r.stderr

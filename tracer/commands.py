@@ -75,16 +75,26 @@ def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, gpu, as_js
     Stops on Ctrl-C, SIGTERM, --duration, or when the target exits; always detaches,
     flushes, and prints a per-span table (count, median, p10, p90, max).
     """
-    from .session import launch, run_trace  # noqa: PLC0415
+    from .discover.launch import launch  # noqa: PLC0415
+    from .session import run_trace  # noqa: PLC0415
 
     if (pid is None) == (not command):
         raise click.UsageError("give either --pid PID or -- COMMAND ...")
     spec = load_spec(spec_name)
-    if command:
-        pid = launch(list(command))
-    res = run_trace(pid, spec, output=output, otlp_endpoint=otlp_endpoint, duration=duration,
-                    status=not no_status, with_sched=sched, enrichers=("gpu",) if gpu else ())
+    # Launch mode: the command is held stopped, its interpreter mapped, until the probes are in.
+    launched = launch(list(command)) if command else None
+    try:
+        res = run_trace(launched.pid if launched else pid, spec, output=output, otlp_endpoint=otlp_endpoint,
+                        duration=duration, status=not no_status, with_sched=sched,
+                        enrichers=("gpu",) if gpu else (),
+                        on_attached=(lambda _c: launched.resume()) if launched else None)
+    except BaseException:
+        if launched is not None and launched.stopped:
+            launched.kill()  # never leave a held child behind
+        raise
     _print_result(res, as_json)
+    if launched is not None and launched.popen.poll() is not None and not as_json:
+        click.echo(f"command exited with status {launched.popen.returncode}")
 
 
 @click.command("probes")

@@ -292,26 +292,3 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
             capture.close()
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def launch(argv: list[str]) -> int:
-    """Start a command for launch mode and wait until its interpreter is mapped."""
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-
-    from .discover.process import find_interpreter  # noqa: PLC0415
-
-    try:
-        p = subprocess.Popen(argv)
-    except OSError as e:
-        raise TraceError(f"cannot start {argv[0]}: {e.strerror}") from None
-    for _ in range(500):
-        try:
-            find_interpreter(p.pid)
-            return p.pid
-        except TraceError:
-            if p.poll() is not None:
-                raise TraceError(f"{argv[0]} exited (status {p.returncode}) before it could be traced") from None
-            time.sleep(0.01)
-    os.kill(p.pid, signal.SIGTERM)
-    raise TraceError(f"{argv[0]} did not start a supported CPython interpreter within 5 s")

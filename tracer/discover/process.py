@@ -177,7 +177,7 @@ def find_interpreter(pid: int) -> Interpreter:
                            source, image.has_symtab, image.has_dwarf, image.has_usdt())
     # Python 2 and very old 3.x name the eval loop differently: say so rather than "not Python".
     for path in by_path:
-        if re.search(r"(libpython|/python)[23]", path):
+        if re.search(r"(libpython|/python)(2|3\.[0-8](?!\d))", path):
             raise Unsupported(f"PID {pid} maps {path}, which is not a supported CPython (3.9-3.13)")
     raise NotPython(f"PID {pid} ({os.path.basename(exe)}) is not a Python process: "
                     "no CPython interpreter is mapped")
