@@ -135,6 +135,7 @@ def probes_cmd(pid, as_json):
     for s in plan.sites:
         click.echo(f"  {s.role:6} {s.label:45} {s.vaddr:#x}  {s.instruction:32} "
                    f"{'emulated' if s.emulated else 'single-stepped'}")
+        click.echo(f"         reads: {s.registers}")
         click.echo(f"         proof: {s.proof}")
     for u in unavailable:
         click.echo(f"  unavailable: {u}")
