@@ -200,6 +200,12 @@ def _frame_register(ev: _Eval, start: int, site: int, prev_instr_off: int) -> tu
     return reg, (source if at == site else ""), proof
 
 
+def _reads(reg: str, ireg: str) -> str:
+    if not reg:
+        return "none (frame read from the thread state)"
+    return f"{reg} = _PyInterpreterFrame*" + (f", {ireg} = the RESUME instruction" if ireg else "")
+
+
 def _handler_site(ev: _Eval, name: str, start: int, table_how: str, prev_instr_off: int) -> ProbeSite:
     """The cheapest instruction that runs exactly once per execution of a handler."""
     if start not in ev.starts and not ev.inside(start):
@@ -208,8 +214,7 @@ def _handler_site(ev: _Eval, name: str, start: int, table_how: str, prev_instr_o
         reg, ireg, why = _frame_register(ev, start, start, prev_instr_off)
         return ProbeSite("entry", f"{name} handler", start, insn.text, insn.emulated,
                          f"jump-table target ({table_how}), outside the eval loop" + (f"; {why}" if why else ""),
-                         f"{reg} = _PyInterpreterFrame*" if reg else "none (frame read from the thread state)",
-                         reg, ireg)
+                         _reads(reg, ireg), reg, ireg)
     if start not in ev.starts:
         raise Unsupported(f"{name} handler {start:#x} is not on the eval loop's instruction boundaries")
     idx = next(k for k, i in enumerate(ev.insns) if i.address == start)
@@ -232,8 +237,7 @@ def _handler_site(ev: _Eval, name: str, start: int, table_how: str, prev_instr_o
     if why:
         proof += f"; {why}"
     return ProbeSite("entry", f"{name} handler", chosen.address, chosen.text, chosen.emulated, proof,
-                     f"{reg} = _PyInterpreterFrame*" if reg else "none (frame read from the thread state)",
-                     reg, ireg)
+                     _reads(reg, ireg), reg, ireg)
 
 
 def _frame_clear_site(image, ev: _Eval, version: tuple[int, int], table: list[int]) -> ProbeSite:
