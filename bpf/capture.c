@@ -367,8 +367,9 @@ static __always_inline u64 current_frame(u64 tstate) {
 #endif
 }
 
-/* A RESUME handler runs with `frame` in a register and `instr` pointing at the RESUME code
- * unit ({opcode, oparg}); oparg 0 is a call's start, anything else a resume after yield/await. */
+/* A RESUME handler runs with `frame` in a register and the RESUME code unit ({opcode, oparg})
+ * at `instr`, or (instr == 0) at frame->prev_instr: read only for a target, as every read
+ * here is paid on every Python call. oparg 0 is a call's start, else a resume after yield/await. */
 static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
     u32 tid;
     if (!target_pid(&tid)) return 0;
@@ -383,6 +384,7 @@ static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
     u32 flags;
     u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
+    if (!instr) instr = read_ptr(frame + OFF_FRAME_PREV_INSTR);
     u8 oparg = 0;
     bpf_probe_read_user(&oparg, 1, (void *)(instr + 1));
     struct open_frame of = {.code = code, .target_id = target_id};
@@ -395,9 +397,7 @@ static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
  * ENTRY_AT_REG(frame_reg) (prev_instr already stored) or ENTRY_AT_REGS(frame_reg, instr_reg)
  * (the store is the probed instruction itself, so its source register holds the pointer). */
 #define ENTRY_AT_REG(F) \
-    int on_entry_##F(struct pt_regs *ctx) { \
-        u64 frame = ctx->F; \
-        return entry_at(ctx, frame, frame ? read_ptr(frame + OFF_FRAME_PREV_INSTR) : 0); }
+    int on_entry_##F(struct pt_regs *ctx) { return entry_at(ctx, ctx->F, 0); }
 #define ENTRY_AT_REGS(F, I) \
     int on_entry_##F##_##I(struct pt_regs *ctx) { return entry_at(ctx, ctx->F, ctx->I); }
 
@@ -406,8 +406,7 @@ int on_entry(struct pt_regs *ctx) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u64 *ts = tstates.lookup(&tid);
     if (!ts) { count(C_NO_TSTATE); return 0; }
-    u64 frame = current_frame(*ts);
-    return entry_at(ctx, frame, frame ? read_ptr(frame + OFF_FRAME_PREV_INSTR) : 0);
+    return entry_at(ctx, current_frame(*ts), 0);
 }
 
 /* Take `frame` out of the open set if it is a target frame; its target id, or 0. */
