@@ -105,13 +105,19 @@ def rules_for(target: Target, pid: int, version: tuple[int, int, int]) -> tuple[
             warnings.append(f"{target.function}: cannot tell __main__'s file from the command line")
             return [], warnings
         suffixes = [main]
+    elif target.file_suffix:
+        suffixes = [(target.file_suffix, False)]
     else:
         rel = target.module.replace(".", "/")
         suffixes = [(f"/{rel}.py", False), (f"/{rel}/__init__.py", False)]
     rules = []
     for suffix, exact in suffixes:
         line = 0
-        if not use_qualname and "." in qual:
+        if not use_qualname and target.firstlineno:
+            # Listed from the source (spec/modules.py): pinned even for module-level names,
+            # so that `run` cannot also claim a method `run` defined in the same file.
+            line = target.firstlineno
+        elif not use_qualname and "." in qual:
             # co_name alone cannot tell Class.run from Other.run in one file: pin the line.
             for root in _source_roots(pid):
                 path = f"/proc/{pid}/root" + (suffix if exact and suffix.startswith("/")
