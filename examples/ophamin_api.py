@@ -2,6 +2,7 @@
 through the Python API and print its per-step timing and per-cycle resource profile.
 
     sudo .venv/bin/python examples/ophamin_api.py --cycles 10 [--cycle-ms 20] [--output spans.jsonl]
+    sudo .venv/bin/python examples/ophamin_api.py --pid PID   # a substrate started with --wait-for-attach
 
 Prints one JSON object: the number of spans streamed while the batch ran, per_step_timing
 (median / p10 / p90 ms per step) and Ophamin's BatchResourceProfile with
@@ -60,7 +61,16 @@ def main() -> int:
     ap.add_argument("--cycle-ms", type=int, default=20)
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs the substrate")
     ap.add_argument("--output", help="also write the spans as OTLP-JSON lines")
+    ap.add_argument("--pid", type=int, help="trace this substrate (already waiting for SIGUSR1) instead")
     args = ap.parse_args()
+    if args.pid:
+        try:
+            out = trace_batch(args.pid, args.output)
+        except tracer.TraceError as e:
+            print(f"ophamin_api: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(out, indent=2))
+        return 0
     proc = start_substrate(args.cycles, args.cycle_ms, args.python)
     try:
         out = trace_batch(proc.pid, args.output)

@@ -36,6 +36,7 @@ from .report.stats import span_stats
 from .session import CAPTURES, ENRICHERS, Capture, Enricher, TraceOptions, TraceResult, _HeldSpans, _status_line
 from .spec import Spec
 
+LIVENESS_S = 0.1  # how often each process is checked for exit (and PID reuse)
 # (pid) -> (the spec for that process, warnings about it)
 SpecFor = Callable[[int], "tuple[Spec, list[str]]"]
 
@@ -55,6 +56,7 @@ class _Live:
     warnings: list[str]
     spans: list[Span] = field(default_factory=list)
     n_spans: int = 0
+    checked: float = 0.0  # when liveness was last read from /proc
 
 
 @dataclass(frozen=True)
@@ -212,8 +214,11 @@ class TraceLoop:
             for e in t.enrichers:
                 e.poll()
             self._deliver(t, t.held.release(done))
-            if not is_alive(t.pid) or start_time(t.pid) != t.start_time:
-                self._finish(t, "target exited")
+            now = time.monotonic()
+            if now - t.checked >= LIVENESS_S:  # two /proc reads per process: not on every poll
+                t.checked = now
+                if not is_alive(t.pid) or start_time(t.pid) != t.start_time:
+                    self._finish(t, "target exited")
 
     def run(self) -> str:
         """Trace until stopped, the duration is up, or (without follow) every process exited."""
