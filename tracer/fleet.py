@@ -31,7 +31,7 @@ def trace_processes(pids: Sequence[int], request: SpecRequest, options: TraceOpt
     (one that fails to attach is reported, the others go on). Ends when every process has
     exited (unless following), on SIGINT/SIGTERM, or after the duration."""
     base = request.base()  # a bad spec or -f fails here, before anything attaches
-    matcher = ProcessMatcher(match) if match is not None else None
+    matcher = ProcessMatcher(match, retry_young=follow) if match is not None else None
     loop = TraceLoop(lambda pid: request.for_pid(pid, base), options, sched_auto=sched_auto, matcher=matcher,
                      follow=follow, log=log, on_attached=on_attached)
     try:

@@ -66,12 +66,13 @@ def _self_and_ancestors() -> set[int]:
 
 
 class ProcessMatcher:
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, *, retry_young: bool = True) -> None:
         try:
             self.regex = re.compile(pattern)
         except re.error as e:
             raise TraceError(f"--match {pattern!r}: not a regular expression ({e})") from None
         self.pattern = pattern
+        self.retry_young = retry_young  # False when there is no later scan (no --follow)
         self._judged: set[tuple[int, int, str]] = set()
         self._exclude = _self_and_ancestors()
         self.skipped: list[dict] = []  # {pid, command_line, reason}
@@ -94,7 +95,7 @@ class ProcessMatcher:
             try:
                 find_interpreter(pid)
             except NotPython as e:
-                if _age_s(st) >= YOUNG_S:
+                if not self.retry_young or _age_s(st) >= YOUNG_S:
                     self._judged.add((pid, st, cmd))
                     self.skipped.append({"pid": pid, "command_line": cmd, "reason": str(e)})
                 continue
