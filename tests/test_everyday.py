@@ -35,10 +35,12 @@ TIMEOUT = 180  # compiles take seconds each on a loaded two-core machine
 
 
 class Tracer:
-    """The CLI tracer in a subprocess, its stderr lines read as they come."""
+    """The CLI tracer in a subprocess, its stderr lines read as they come. Its stdin is a
+    pipe: in launch mode the traced command inherits it."""
 
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen([*TRACER, *args, "--no-status"], cwd=str(ROOT), stdout=subprocess.PIPE,
+    def __init__(self, args: list[str], command: tuple[str, ...] = ()) -> None:
+        argv = [*TRACER, *args, "--no-status", *(("--", *command) if command else ())]
+        self.proc = subprocess.Popen(argv, cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
@@ -115,6 +117,31 @@ for _ in range(50):
     untraced()
 print("done", flush=True)
 '''
+
+
+def test_launch_mode_with_module_and_function(ebpf, tmp_path):
+    """`-- COMMAND`: the launched program reads the tracer's stdin, so it waits there until
+    the probes are in; --module is listed from the launched process's own import roots."""
+    _write_pkg(tmp_path)
+    pyenv = [i for i in find_interpreters() if i.label.startswith("pyenv-")]
+    python = target_python(pyenv[0], ROOT / ".cache" / "targets") if pyenv else sys.executable
+    out = tmp_path / "spans.jsonl"
+    # The app runs in tmp_path (its import root): start it through a shell that changes there.
+    tr = Tracer(["-f", "__main__:work", "--module", "pkg.jobs", "-o", str(out)],
+                command=("sh", "-c", f'cd {tmp_path} && exec "$0" app.py', python))
+    try:
+        pid = int(tr.wait_for(r"attached pid (\d+)")[0].group(1))
+        tr.proc.stdin.write("\n")
+        tr.proc.stdin.flush()
+        rc, summary = tr.finish()
+    finally:
+        tr.kill()
+    assert rc == 0, "".join(tr.stderr)
+    spans = read_spans(str(out))
+    assert {s.resource["process.pid"] for s in spans} == {pid}
+    want = {"work": 5, **{k: v for k, v in MODULE_COUNTS.items() if k.startswith("pkg.jobs.")}}
+    assert Counter(s.name for s in spans) == want
+    assert "ready" in summary and "done" in summary  # the program's own output, then the table
 
 
 def test_function_flag_errors_are_one_line():

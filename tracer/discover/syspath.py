@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..capture.names import _main_file
+from ..capture.names import main_arg
 
 
 def host(pid: int, path: str) -> str:
@@ -83,9 +83,9 @@ def source_roots(pid: int, version: tuple[int, int, int]) -> list[str]:
     except OSError:
         return []
     roots: list[str] = []
-    main = _main_file(pid)
-    if main is not None and main[1] and main[0] != "<string>":
-        roots.append(os.path.dirname(os.path.normpath(os.path.join(cwd, main[0]))))
+    main = main_arg(pid)
+    if main is not None and main[0] == "script":
+        roots.append(os.path.dirname(os.path.normpath(os.path.join(cwd, main[1]))))
     else:
         roots.append(cwd)  # -m, -c and the REPL put the working directory first
     roots += [os.path.normpath(os.path.join(cwd, p)) for p in env.get("PYTHONPATH", "").split(":") if p]

@@ -39,7 +39,7 @@ def _match_key(qualname: str, version: tuple[int, int, int]) -> str:
 
 
 def _rules_of(t: Target) -> int:
-    return 1 if t.file_suffix or t.module == "__main__" else 2  # as capture/names.py rules_for
+    return 1 if t.file_suffix else 2  # as capture/names.py rules_for (__main__ run by -m: 2)
 
 
 def _is_ident(s: str) -> bool:
