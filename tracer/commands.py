@@ -3,6 +3,7 @@ options and calls into the stages; nothing here knows how capture works."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import TraceError
-from .report.stats import format_table
+from .report.stats import format_table, step_timing_ms
 from .spec import load_spec
 
 
@@ -51,9 +52,17 @@ def _enricher_line(name: str, summary: dict) -> str:
 
 
 @click.command("trace", context_settings={"ignore_unknown_options": False})
-@click.option("--pid", type=int, help="PID of a running Python process to attach to.")
-@click.option("--spec", "spec_name", default="reference", show_default=True,
-              help="Built-in spec (reference, kimera) or a TOML spec file.")
+@click.option("--pid", type=int, multiple=True, help="PID of a running Python process (repeatable).")
+@click.option("--match", metavar="REGEX",
+              help="Trace every Python process whose command line matches (re.search).")
+@click.option("--follow", is_flag=True, help="With --match: also attach to matching processes started later.")
+@click.option("--spec", "spec_name", default=None,
+              help="Built-in spec (reference, kimera) or a TOML spec file [default: reference, "
+                   "unless -f or --module is given].")
+@click.option("-f", "--function", "functions", multiple=True, metavar="MODULE:QUALNAME[=SPAN]",
+              help="Trace this function as a span (repeatable; added to --spec if both are given).")
+@click.option("--module", "modules", multiple=True, metavar="PREFIX",
+              help="Trace every function defined in this module or package (repeatable).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write spans as OTLP-JSON lines.")
 @click.option("--otlp-endpoint", help="Send spans by OTLP/HTTP (JSON) to this collector URL.")
 @click.option("--duration", type=float, help="Stop after this many seconds.")
@@ -64,37 +73,63 @@ def _enricher_line(name: str, summary: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, gpu, as_json, no_status, command):
-    """Attach to a Python process and turn the spec's functions into spans.
+def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_endpoint, duration, sched, gpu,
+              as_json, no_status, command):
+    """Attach to Python processes and turn the spec's functions into spans.
 
     \b
     Examples:
       sudo ophamin-trace --pid 4242 --spec reference --output spans.jsonl
-      sudo ophamin-trace --pid 4242 --spec my.toml --otlp-endpoint http://127.0.0.1:4318
+      sudo ophamin-trace --pid 4242 -f app.jobs:Worker.run=job.run -f app.db:query
+      sudo ophamin-trace --pid 4242 --module app.jobs -o spans.jsonl
+      sudo ophamin-trace --match 'gunicorn.*app:' --follow -f app.views:index --otlp-endpoint http://127.0.0.1:4318
       sudo ophamin-trace --spec reference -o spans.jsonl -- python -m tracer.reference --cycles 10
-    Stops on Ctrl-C, SIGTERM, --duration, or when the target exits; always detaches,
-    flushes, and prints a per-span table (count, median, p10, p90, max).
+    Stops on Ctrl-C, SIGTERM, --duration, or when the targets exit (with --follow: only on
+    the first three); always detaches, flushes, and prints a per-span table per process
+    (count, median, p10, p90, max).
     """
     from .discover.launch import launch  # noqa: PLC0415
-    from .session import run_trace  # noqa: PLC0415
+    from .fleet import format_fleet_footer, stderr_log, trace_processes  # noqa: PLC0415
+    from .session import TraceOptions  # noqa: PLC0415
+    from .spec.adhoc import SpecRequest  # noqa: PLC0415
 
-    if (pid is None) == (not command):
-        raise click.UsageError("give either --pid PID or -- COMMAND ...")
-    spec = load_spec(spec_name)
+    if command and (pid or match):
+        raise click.UsageError("give --pid/--match or -- COMMAND ..., not both")
+    if not pid and not command and match is None:
+        raise click.UsageError("give --pid PID, --match REGEX or -- COMMAND ...")
+    if follow and match is None:
+        raise click.UsageError("--follow needs --match REGEX")
+    request = SpecRequest(spec_name, tuple(functions), tuple(modules))
+    request.base()  # a bad spec or -f is reported before a command is launched
+    pids = list(pid)
     # Launch mode: the command is held stopped, its interpreter mapped, until the probes are in.
     launched = launch(list(command)) if command else None
+    if launched is not None:
+        pids = [launched.pid]
+    many = len(pids) > 1 or match is not None
+    opts = TraceOptions(output=output, otlp_endpoint=otlp_endpoint, duration=duration, status=not no_status,
+                        with_sched=sched, enrichers=("gpu",) if gpu else ())
     try:
-        res = run_trace(launched.pid if launched else pid, spec, output=output, otlp_endpoint=otlp_endpoint,
-                        duration=duration, status=not no_status, with_sched=sched,
-                        enrichers=("gpu",) if gpu else (),
-                        on_attached=(lambda _c: launched.resume()) if launched else None)
+        fleet = trace_processes(pids, request, opts, match=match, follow=follow, log=stderr_log,
+                                on_attached=(lambda _c: launched.resume()) if launched else None)
     except BaseException:
         if launched is not None and launched.stopped:
             launched.kill()  # never leave a held child behind
         raise
-    _print_result(res, as_json)
-    if launched is not None and launched.popen.poll() is not None and not as_json:
-        click.echo(f"command exited with status {launched.popen.returncode}")
+    if not many:
+        _print_result(dataclasses.replace(fleet.targets[0], exporters=fleet.exporters), as_json)
+        if launched is not None and launched.popen.poll() is not None and not as_json:
+            click.echo(f"command exited with status {launched.popen.returncode}")
+        return
+    if as_json:
+        click.echo(json.dumps(fleet.to_dict(), indent=2))
+        return
+    for res in fleet.targets:
+        cmd = res.resource.get("process.command_line", "")
+        click.echo(f"\n== pid {res.pid} (CPython {res.interpreter.get('version', '?')}) {cmd[:80]}")
+        _print_result(res, False)
+    for line in format_fleet_footer(fleet):
+        click.echo(line)
 
 
 @click.command("probes")
@@ -200,8 +235,7 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
                     enrichers=("gpu",) if gpu else (), on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1))
     proc.wait()  # the emitter flushes its file at exit
     report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
-    steps = {s.name: {"median_ms": s.median_ns / 1e6, "p10_ms": s.p10_ns / 1e6, "p90_ms": s.p90_ns / 1e6,
-                      "count": s.count} for s in res.stats}
+    steps = step_timing_ms(res.stats)
     return {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
             "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
             "hooks": str(hooks), "ebpf": str(ebpf), "python": python}

@@ -1,7 +1,9 @@
 """One tracing run, end to end: discover -> plan -> capture -> assemble -> correlate -> export.
 
-The CLI and the Python API both call `run_trace`. It always detaches and flushes, whether
-it stops on Ctrl-C, SIGTERM, a duration, or the target's exit, and reports every loss.
+`run_trace` traces one process to the end; the loop behind it (`tracer/loop.py`) also runs
+several processes at once (`--match`, several `--pid`) and feeds the Python API
+(`tracer/api.py`). It always detaches and flushes, whether it stops on Ctrl-C, SIGTERM, a
+duration, or the target's exit, and reports every loss.
 
 Two seams keep the stages apart (OpenTelemetry-SDK style: a narrow interface, the work
 behind it, plug-ins registered by name):
@@ -15,10 +17,7 @@ behind it, plug-ins registered by name):
 
 from __future__ import annotations
 
-import signal
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from .assemble.spans import Assembler, Clock, Losses, resource_for
@@ -26,11 +25,9 @@ from .assemble.values import TypeAddrs
 from .capture.engine import CaptureEngine
 from .correlate.gpu import GpuEnricher
 from .discover.elf import open_image
-from .discover.process import is_alive
 from .errors import TraceError
-from .export.otlp import OtlpHttp, OtlpJsonFile
 from .otlpjson import Span
-from .report.stats import SpanStats, span_stats
+from .report.stats import SpanStats
 from .spec import Spec
 
 
@@ -65,9 +62,11 @@ class TraceResult:
     exporters: dict = field(default_factory=dict)
     enrichers: dict = field(default_factory=dict)  # name -> its summary (status, reason, figures)
     mode: str = "exact"
+    resource: dict = field(default_factory=dict)  # the OpenTelemetry resource of its spans
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode, "spans": len(self.spans),
+                "resource": dict(self.resource),
                 "stats": [s.to_dict() for s in self.stats], "losses": self.losses.to_dict(),
                 "counters": dict(self.counters), "stopped_by": self.stopped_by,
                 "duration_s": self.duration_s, "attach_s": self.attach_s,
@@ -192,14 +191,6 @@ class _HeldSpans:
 
 # ---- the run ----------------------------------------------------------------------------
 
-class _Stop:
-    def __init__(self) -> None:
-        self.reason = ""
-
-    def __call__(self, signum, _frame) -> None:
-        self.reason = signal.Signals(signum).name
-
-
 def _status_line(pid: int, c: dict[str, int], spans: int, rate: float) -> str:
     return (f"\r[ophamin-trace] pid {pid}  hits {c['entry_hits'] + c['exit_hits']:,} ({rate:,.0f}/s)  "
             f"spans {spans:,}  lost {c['dropped']:,}   ")
@@ -207,88 +198,17 @@ def _status_line(pid: int, c: dict[str, int], spans: int, rate: float) -> str:
 
 def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | None = None,
               options: TraceOptions | None = None, **kwargs) -> TraceResult:
-    """Attach to `pid`, trace until stopped, detach. Keyword arguments are TraceOptions fields."""
-    opts = options or TraceOptions(**kwargs)
-    if opts.mode not in CAPTURES:
-        raise TraceError(f"unknown capture mode {opts.mode!r} (known: {', '.join(sorted(CAPTURES))})")
-    unknown = [n for n in opts.enrichers if n not in ENRICHERS]
-    if unknown:
-        raise TraceError(f"unknown enricher {unknown[0]!r} (known: {', '.join(sorted(ENRICHERS)) or 'none'})")
-    t_start = time.monotonic()
-    stop = _Stop()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    capture: Capture | None = None
-    enrichers: list[Enricher] = []
-    exporters: list = []
+    """Attach to `pid`, trace until stopped, detach. Keyword arguments are TraceOptions fields.
+    The loop itself (several processes, streaming) is `tracer.loop.TraceLoop`."""
+    from .loop import TraceLoop, stop_on_signals  # noqa: PLC0415 - loop.py imports this module
+
+    loop = TraceLoop(spec, options or TraceOptions(**kwargs), on_attached=on_attached)
     try:
-        capture = CAPTURES[opts.mode](pid, spec, opts)
-        if opts.output:
-            exporters.append(OtlpJsonFile(opts.output, capture.resource))
-        if opts.otlp_endpoint:
-            exporters.append(OtlpHttp(opts.otlp_endpoint, capture.resource))
-        enrichers = [ENRICHERS[n](pid, opts) for n in opts.enrichers]
-        held = _HeldSpans(enrichers)
-        attach_s = time.monotonic() - t_start
-        if on_attached is not None:
-            on_attached(capture)
-        spans: list[Span] = []
-        n_spans = 0
-
-        def deliver(done: list[Span]) -> None:
-            nonlocal n_spans
-            n_spans += len(done)
-            for ex in exporters:
-                ex.export(done)
-            if opts.keep_spans:
-                spans.extend(done)
-
-        tty = opts.status and sys.stderr.isatty()
-        last_status, last_hits = time.monotonic(), 0
-        stopped_by = ""
-        deadline = time.monotonic() + opts.duration if opts.duration else None
-        while True:
-            done = capture.poll(100)
-            for e in enrichers:
-                e.poll()
-            deliver(held.release(done))
-            if stop.reason:
-                stopped_by = stop.reason
-            elif deadline is not None and time.monotonic() >= deadline:
-                stopped_by = "duration"
-            elif not is_alive(pid):
-                stopped_by = "target exited"
-            if stopped_by:
-                break
-            now = time.monotonic()
-            if tty and now - last_status > 0.5:
-                c = capture.counters()
-                hits = c["entry_hits"] + c["exit_hits"]
-                sys.stderr.write(_status_line(pid, c, n_spans, (hits - last_hits) / (now - last_status)))
-                sys.stderr.flush()
-                last_status, last_hits = now, hits
-        for e in enrichers:
-            if hasattr(e, "finish"):
-                e.finish()
-            e.poll()
-        deliver(held.release(capture.drain(), final=True))
-        counters = capture.counters()
-        if tty:
-            sys.stderr.write("\n")
-        exp_info = {}
-        for ex in exporters:
-            ex.close()
-            if isinstance(ex, OtlpHttp):
-                exp_info["otlp_http"] = {"url": ex.url, "sent": ex.sent, "dropped": ex.dropped,
-                                         "last_error": ex.last_error}
-            else:
-                exp_info["file"] = {"path": ex.path, "spans": ex.written}
-        return TraceResult(pid, capture.interpreter, tuple(spans), tuple(span_stats(spans)), capture.losses(),
-                           counters, stopped_by, time.monotonic() - t_start, attach_s,
-                           tuple(capture.warnings), exp_info, {e.name: e.summary() for e in enrichers}, opts.mode)
+        with stop_on_signals(loop):
+            loop.attach(pid)
+            loop.run()
     finally:
-        for e in enrichers:
-            e.close()
-        if capture is not None:
-            capture.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+        fleet = loop.close()
+    res = fleet.targets[0]
+    return replace(res, exporters=fleet.exporters, duration_s=fleet.duration_s)
+

@@ -42,8 +42,9 @@ class NameRule:
         return not self.firstlineno or firstlineno == self.firstlineno
 
 
-def _main_file(pid: int) -> tuple[str, bool] | None:
-    """How `__main__`'s file name ends: from `-m MODULE` or the script path in argv."""
+def main_arg(pid: int) -> tuple[str, str] | None:
+    """What runs as `__main__`, from argv: ("module", NAME), ("command", "") or ("script",
+    the path as given)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -54,14 +55,38 @@ def _main_file(pid: int) -> tuple[str, bool] | None:
     while i < len(args):
         a = args[i]
         if a == "-m" and i + 1 < len(args):
-            return "/" + args[i + 1].replace(".", "/") + "/__main__.py", False
+            return "module", args[i + 1]
         if a == "-c":
-            return "<string>", True
+            return "command", ""
         if a.startswith("-"):
             i += 2 if a in ("-W", "-X", "-Q") else 1
             continue
-        return a, True
+        return "script", a
     return None
+
+
+def _main_files(pid: int) -> list[tuple[str, bool]]:
+    """How `__main__`'s file name can end (suffix, whole name?), from the command line."""
+    m = main_arg(pid)
+    if m is None:
+        return []
+    kind, value = m
+    if kind == "module":  # a package's __main__.py, or a plain module file
+        rel = value.replace(".", "/")
+        return [(f"/{rel}/__main__.py", False), (f"/{rel}.py", False)]
+    if kind == "command":
+        return [("<string>", True)]
+    if value.startswith("/"):
+        return [(value, True)]
+    # 3.9+ makes a relative script path absolute from the start-up directory, which the
+    # process may have left since: match the path's tail.
+    rel = os.path.normpath(value)
+    if not rel.startswith(".."):
+        return [("/" + rel, False)]
+    try:
+        return [(os.path.normpath(os.path.join(os.readlink(f"/proc/{pid}/cwd"), value)), True)]
+    except OSError:
+        return []
 
 
 def _source_roots(pid: int) -> list[str]:
@@ -108,18 +133,23 @@ def rules_for(target: Target, pid: int, version: tuple[int, int, int]) -> tuple[
     match_name = qual if use_qualname else qual.rsplit(".", 1)[-1]
     warnings: list[str] = []
     if target.module == "__main__":
-        main = _main_file(pid)
-        if main is None:
+        suffixes = _main_files(pid)
+        if not suffixes:
             warnings.append(f"{target.function}: cannot tell __main__'s file from the command line")
             return [], warnings
-        suffixes = [main]
+    elif target.file_suffix:
+        suffixes = [(target.file_suffix, False)]
     else:
         rel = target.module.replace(".", "/")
         suffixes = [(f"/{rel}.py", False), (f"/{rel}/__init__.py", False)]
     rules = []
     for suffix, exact in suffixes:
         line = 0
-        if not use_qualname and "." in qual:
+        if not use_qualname and target.firstlineno:
+            # Listed from the source (spec/modules.py): pinned even for module-level names,
+            # so that `run` cannot also claim a method `run` defined in the same file.
+            line = target.firstlineno
+        elif not use_qualname and "." in qual:
             # co_name alone cannot tell Class.run from Other.run in one file: pin the line.
             for root in _source_roots(pid):
                 path = f"/proc/{pid}/root" + (suffix if exact and suffix.startswith("/")

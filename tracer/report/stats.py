@@ -46,6 +46,12 @@ def span_stats(spans: Iterable[Span]) -> List[SpanStats]:
     return out
 
 
+def step_timing_ms(stats: Iterable[SpanStats]) -> dict[str, dict[str, float]]:
+    """Ophamin's per_step_timing shape: span name -> median_ms, p10_ms, p90_ms, count."""
+    return {s.name: {"median_ms": s.median_ns / 1e6, "p10_ms": s.p10_ns / 1e6, "p90_ms": s.p90_ns / 1e6,
+                     "count": s.count} for s in stats}
+
+
 def _ms(ns: float) -> str:
     return f"{ns / 1e6:.3f}"
 

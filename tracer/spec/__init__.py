@@ -23,8 +23,9 @@ instance's attributes from outside needs the dict layout per version; it is refu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import tomllib
 
@@ -55,6 +56,10 @@ class Target:
     qualname: str
     name: str
     attributes: tuple[Attr, ...] = ()
+    # Set when the defining file is known (functions listed from a module's source, see
+    # spec/modules.py): match that file name suffix only, and pin the first line if > 0.
+    file_suffix: str = ""
+    firstlineno: int = 0
 
     @property
     def function(self) -> str:
@@ -115,8 +120,7 @@ def _target(entry: object, kind: str, tid: int, text: str, source: str, seen: se
     extra = set(entry) - {"function", "name", "attributes"}
     if extra:
         raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r} in [[{kind}]]")
-    if not isinstance(func, str) or not _FUNC.match(func):
-        raise SpecError(f"{where}: function must be 'module:qualname', got {func!r}")
+    _check_function(func, where)
     if func in seen:
         raise SpecError(f"{where}: {func} is named twice")
     seen.add(func)
@@ -135,6 +139,52 @@ def _target(entry: object, kind: str, tid: int, text: str, source: str, seen: se
         parsed.append(Attr(key, m.group("lp") or m.group("p"), m.group("lp") is not None))
     module, qualname = func.split(":")
     return Target(tid, kind, module, qualname, name, tuple(parsed))
+
+
+def _check_function(func: object, where: str) -> None:
+    if not isinstance(func, str) or not _FUNC.match(func):
+        raise SpecError(f"{where}: function must be 'module:qualname', got {func!r}")
+
+
+def spec_from_functions(functions: Sequence[str], *, base: Spec | None = None, service: str | None = None,
+                        source: str = "--function") -> Spec:
+    """A spec whose spans are `functions`, each 'module:qualname[=span.name]' (the span is
+    named after the qualname unless given), added after `base`'s targets if there is one."""
+    targets = []
+    for arg in functions:
+        func, eq, name = arg.partition("=")
+        func, name = func.strip(), name.strip()
+        where = f"{source} {arg!r}"
+        if func.count(":") != 1:
+            raise SpecError(f"{where}: must be module:qualname[=span.name] (e.g. app.jobs:Worker.run=job.run)")
+        _check_function(func, where)
+        if eq and not name:
+            raise SpecError(f"{where}: the span name after '=' is empty")
+        module, qualname = func.split(":")
+        targets.append(Target(0, "span", module, qualname, name or qualname))
+    if base is None:
+        base = Spec(source, service or "python")
+    elif service:
+        base = replace(base, service=service)
+    return add_targets(base, targets, source=source)
+
+
+def add_targets(base: Spec, targets: Sequence[Target], *, source: str = "--function",
+                skip_duplicates: bool = False) -> Spec:
+    """`base` plus `targets`, renumbered after base's. A function already named is an error,
+    or skipped with `skip_duplicates` (a spec's own entry then wins over a listed module)."""
+    seen = {t.function for t in base.targets}
+    out = list(base.targets)
+    for t in targets:
+        if t.function in seen:
+            if skip_duplicates:
+                continue
+            raise SpecError(f"{source}: {t.function} is named twice")
+        seen.add(t.function)
+        out.append(replace(t, target_id=len(out) + 1))
+    if not out:
+        raise SpecError(f"{source}: no functions to trace")
+    return replace(base, targets=tuple(out))
 
 
 def load_spec(name_or_path: str) -> Spec:
