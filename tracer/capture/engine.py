@@ -27,7 +27,8 @@ from .output import CapturedOutput
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
-            "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch")
+            "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch",
+            "submitted")
 EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, EV_RESUME = 1, 2, 3, 4, 5
 # The BPF function behind each probe-site role (bpf/capture.c).
 HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
@@ -247,7 +248,10 @@ class CaptureEngine:
             tuple(e.ancestors), args, sched, rss))
 
     def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
+        """Events since the last call. Waits up to `timeout_ms` for a wakeup (the kernel side
+        wakes the reader only every WAKE_EVERY events), then drains whatever is there."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
         out, self._events = self._events, []
         return out
 
