@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -104,7 +105,12 @@ def _say(msg: str) -> None:
 
 def _env() -> dict:
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TERM")}
-    return dict(keep, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    # One hash seed for every harness: the same dict layouts in each process.
+    return dict(keep, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
+
+
+def _timing(seg: dict) -> dict:
+    return {k: seg[k] for k in ("wall_s", "cpu_s", "hwm_kb", "hwm0_kb", "start_ns", "end_ns") if k in seg}
 
 
 def _machine(load_before: tuple[float, float, float]) -> dict:
@@ -133,7 +139,10 @@ class Cell:
         else:
             self.params = {"size": wl.size}
             argv = ["--workload", wl.bench, "--size", str(wl.size)]
+        self.argv = argv
         self.h = runners.Harness(str(python), argv, _env())
+        self.sessions: dict[str, runners.OphaminSession] = {}
+        self.session_info: dict[str, dict] = {}
         self.version = tuple(int(x) for x in self.h.python.split(".")[:2])
         self.alts = [a for a in alts if (wl.reference or not a.reference_only) and self.version >= a.min_version]
         self.skipped = [a for a in alts if a not in self.alts and (wl.reference or not a.reference_only)]
@@ -181,35 +190,77 @@ class Cell:
             n_calls = self.truth["starts_all"] + self.truth["resumes_all"]
             res = self.h.segment(mode=alt.mode, emitter=alt.emitter if self.wl.reference else "noop",
                                  entries=max(1_000_000, min(30_000_000, 4 * n_calls)), parse=(repeat == 0))
-            rec.update(wall_s=res["wall_s"], cpu_s=res["cpu_s"], hwm_kb=res["hwm_kb"], hwm0_kb=res["hwm0_kb"])
+            rec.update(_timing(res))
             if "seen" in res:
                 self._inproc_seen(rec, res)
             return rec
         if alt.kind == "ophamin-sampled" and "sampled" not in caps["modes"]:
             return {"repeat": repeat, "status": "unavailable", "reason": "not available in this build (no --mode)"}
+        if alt.kind == "ophamin" or alt.kind == "ophamin-sampled":
+            return self._ophamin_segment(alt, rec)
         if alt.kind == "py-spy":
             run = runners.pyspy(self.h, str(venvs.pyspy(self.python)), "noop")
-        elif alt.kind == "pythoncalls":
+        else:
             run = runners.pythoncalls(self.h, "noop")
-        else:
-            kind = "large" if alt.key == "ophamin-large" else "small"
-            extra = ("--mode", "sampled", "--hz", str(runners.PYSPY_RATE)) if alt.kind == "ophamin-sampled" else ()
-            run = runners.ophamin(self.h, self.spec_paths[kind], "noop", extra)
-        rec.update(status=run.status, reason=run.reason, attach_s=run.attach_s,
-                   tool_cpu_segment_s=run.cpu_segment_s, tool_cpu_total_s=run.cpu_total_s,
+        rec.update(status=run.status, reason=run.reason, attach_s=run.attach_s, tool_cpu_total_s=run.cpu_total_s,
                    tool_peak_rss_kb=run.peak_rss_kb, tool_stop_s=run.stop_s)
-        if run.segment and not run.segment.get("skipped"):
-            seg = run.segment
-            rec.update(wall_s=seg["wall_s"], cpu_s=seg["cpu_s"], hwm_kb=seg["hwm_kb"], hwm0_kb=seg["hwm0_kb"])
-        if run.status != "ok":
-            return rec
-        if alt.kind == "py-spy":
-            self._pyspy_seen(rec, run)
-        elif alt.kind == "pythoncalls":
-            self._pythoncalls_seen(rec, run)
-        else:
-            self._ophamin_seen(rec, run, "large" if alt.key == "ophamin-large" else "small")
+        if run.segments:
+            rec.update(_timing(run.segments[0]), tool_cpu_segment_s=run.segments[0]["tool_cpu_s"])
+        if run.status == "ok":
+            (self._pyspy_seen if alt.kind == "py-spy" else self._pythoncalls_seen)(rec, run)
         return rec
+
+    def _ophamin_segment(self, alt: Alt, rec: dict) -> dict:
+        """ophamin-trace stays attached to a harness of its own for all repeats (one compile and
+        attach per spec, not per repeat); its segments still interleave with the others', and
+        what it saw is split per segment by time window when it detaches (`finish()`)."""
+        sess = self.sessions.get(alt.key)
+        if sess is None:
+            h = runners.Harness(str(self.python), self.argv, _env())
+            check = h.segment(mode="none", emitter="noop")  # the same run untraced, in this process
+            extra = ("--mode", "sampled", "--hz", str(runners.PYSPY_RATE)) if alt.kind == "ophamin-sampled" else ()
+            spec = self.spec_paths["large" if alt.key == "ophamin-large" else "small"]
+            sess = self.sessions[alt.key] = runners.OphaminSession(h, spec, "noop", extra)
+            sess.process_check = _timing(check)
+        if not sess.ok:
+            return dict(rec, status=sess.run.status, reason=sess.run.reason)
+        first = not sess.run.segments
+        seg = sess.segment()
+        rec.update(_timing(seg), tool_cpu_segment_s=seg["tool_cpu_s"], attach_s=sess.run.attach_s if first else None)
+        return rec
+
+    def finish(self) -> None:
+        """Detach the ophamin-trace sessions and fill in what they saw, segment by segment."""
+        for key, sess in self.sessions.items():
+            run = sess.close()
+            sess.harness.quit()
+            recs = [r for r in self.runs[key] if r.get("status") == "ok" and "wall_s" in r]
+            self.session_info[key] = {"process_check": getattr(sess, "process_check", None),
+                                      "status": run.status, "reason": run.reason, "stop_s": run.stop_s,
+                                      "cpu_total_s": run.cpu_total_s, "peak_rss_kb": run.peak_rss_kb}
+            if run.status != "ok":
+                for r in recs:
+                    r.update(status=run.status, reason=run.reason)
+                continue
+            kind = "large" if key == "ophamin-large" else "small"
+            ex = run.extra
+            cut = ex["losses"].get("cut_at_detach", {})
+            self.session_info[key].update(
+                counters=ex["counters"], attach_s_reported=ex["attach_s_reported"], output_bytes=ex["output_bytes"],
+                warnings=ex["warnings"], cut_at_attach=sum(ex["losses"].get("cut_at_attach", {}).values()),
+                cut_at_detach=cut)
+            for i, r in enumerate(recs):
+                got = ex["per_segment"][i]
+                if i == len(recs) - 1:  # a span still open at detach was entered in the last segment
+                    got = {k: got.get(k, 0) + cut.get(k, 0) for k in set(got) | set(cut)}
+                seen = {ident: got.get(ident, 0) for ident in self.truth[kind]}
+                r["seen_fraction"] = figures.seen_fraction(seen, self.truth[kind])
+                # Events delivered for the segment: an entry and an exit per span seen.
+                r["events"] = 2 * sum(seen.values())
+                r["lost"] = ex["counters"]["dropped"]  # ring-buffer drops over the whole session
+                r["tool_peak_rss_kb"] = run.peak_rss_kb
+                r["tool_cpu_total_s"] = run.cpu_total_s
+        self.sessions = {}
 
     def _inproc_seen(self, rec: dict, res: dict) -> None:
         by_line = self._by_line()
@@ -222,18 +273,6 @@ class Cell:
         rec["events"] = res.get("events")
         if res.get("events") is not None and "entries_cap" in res:
             rec["lost"] = max(0, res["events"] - res["entries_cap"] + 1) if res["events"] >= res["entries_cap"] else 0
-
-    def _ophamin_seen(self, rec: dict, run: runners.ToolRun, kind: str) -> None:
-        ex = run.extra
-        cut = ex["losses"].get("cut_at_detach", {})
-        seen = {ident: ex["spans"].get(ident, 0) + cut.get(ident, 0) for ident in self.truth[kind]}
-        rec["seen_fraction"] = figures.seen_fraction(seen, self.truth[kind])
-        # Events delivered while the segment ran: an entry and an exit per span seen.
-        rec["events"] = 2 * sum(ex["spans"].get(i, 0) for i in self.truth[kind])
-        rec["lost"] = ex["counters"]["dropped"]
-        rec["ophamin"] = {"counters": ex["counters"], "attach_s_reported": ex["attach_s_reported"],
-                          "output_bytes": ex["output_bytes"], "warnings": ex["warnings"],
-                          "cut_at_attach": sum(ex["losses"].get("cut_at_attach", {}).values())}
 
     def _pyspy_seen(self, rec: dict, run: runners.ToolRun) -> None:
         names = {(Path(f.file).name, f.qualname.rsplit(".", 1)[-1]) for f in self.large}
@@ -284,7 +323,8 @@ class Cell:
                                "reason": f"needs Python {a.min_version[0]}.{a.min_version[1]}+", "external": a.external}
         return {"label": self.label, "python": self.h.python, "workload": self.wl.key, "title": self.wl.title,
                 "params": self.params, "truth": self.truth, "small_spec": [f.ident for f in self.small],
-                "large_spec_functions": len(self.large), "alternatives": alts, "raw": self.runs}
+                "large_spec_functions": len(self.large), "alternatives": alts, "sessions": self.session_info,
+                "raw": self.runs}
 
 
 LADDER_RATES = (2_000, 5_000, 10_000, 20_000, 40_000, 80_000, 160_000)  # calls/s; two events per call
@@ -293,8 +333,6 @@ LADDER_RATES = (2_000, 5_000, 10_000, 20_000, 40_000, 80_000, 160_000)  # calls/
 def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], step_s: float) -> dict:
     """Events per second ophamin-trace sustains without loss: a paced call of one traced
     function, one rate per step; its spans are counted per step from the output file."""
-    from tracer.otlpjson import decode_request  # noqa: PLC0415
-
     h = runners.Harness(str(python), ["--workload", "ladder", "--rates", ",".join(map(str, rates)),
                                       "--step-s", str(step_s)], _env())
     try:
@@ -302,26 +340,22 @@ def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], ste
         spec = tmp / f"{label}-ladder.toml"
         spec.write_text(specs.toml([target], "peers-ladder"))
 
-        def starts(path: str) -> dict:
-            with open(path) as f:
-                got = sorted(sp.start_ns for line in f for sp in decode_request(json.loads(line))
-                             if sp.name == target.ident)
-            return {"starts": got}
-
-        run = runners.ophamin(h, str(spec), "noop", read_output=starts)
+        sess = runners.OphaminSession(h, str(spec))
+        if sess.ok:
+            seg = sess.segment()
+            # contiguous windows, one per step, so no span falls between two steps
+            steps = seg["steps"]
+            edges = [st["start_ns"] for st in steps] + [seg["end_ns"] + 10**9]
+            sess.windows = [(edges[i], edges[i + 1] - 1) for i in range(len(steps))]
+        run = sess.close()
     finally:
         h.quit()
     if run.status != "ok":
         return {"status": run.status, "reason": run.reason}
-    import bisect  # noqa: PLC0415
-
-    got = run.extra["output"]["starts"]
-    steps = run.segment["steps"]
+    got = run.extra["per_segment"]
     out_steps = []
-    for i, st in enumerate(steps):
-        hi = steps[i + 1]["start_ns"] if i + 1 < len(steps) else float("inf")
-        lo = st["start_ns"] if i else float("-inf")
-        seen = bisect.bisect_left(got, hi) - bisect.bisect_left(got, lo)
+    for st, g in zip(steps, got):
+        seen = g.get(target.ident, 0)
         out_steps.append({"offered_events_per_s": 2 * st["achieved_per_s"], "calls": st["calls"], "seen": seen,
                           "lossless": seen == st["calls"]})
     sustained = 0.0
@@ -330,8 +364,8 @@ def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], ste
             break
         sustained = st["offered_events_per_s"]
     return {"status": "ok", "steps": out_steps, "sustained_events_per_s": sustained,
-            "dropped": run.extra["counters"]["dropped"], "tool_cpu_segment_s": run.cpu_segment_s,
-            "segment_wall_s": run.segment["wall_s"]}
+            "dropped": run.extra["counters"]["dropped"], "tool_cpu_segment_s": run.segments[0]["tool_cpu_s"],
+            "segment_wall_s": run.segments[0]["wall_s"]}
 
 
 def calibrate_cycle_ms(python: Path, cycle_s: float) -> int:
@@ -393,9 +427,14 @@ def run(args: argparse.Namespace) -> dict:
                         rec["elapsed_s"] = time.monotonic() - t1
                         c.runs[a.key].append(rec)
                     _say(f"{lb} {c.wl.key}: repeat {r + 1}/{args.repeats} in {time.monotonic() - t0:.0f} s")
+            for c in cells:
+                c.finish()
             cells_out += [c.summary() for c in cells]
         finally:
             for c in cells:
+                for sess in c.sessions.values():
+                    sess.close()
+                    sess.harness.quit()
                 c.h.quit()
         rates = LADDER_RATES[:5] if args.quick else LADDER_RATES
         ladders[lb] = rate_ladder(lb, pythons[lb], tmp, rates, 0.5 if args.quick else 1.0)
@@ -611,6 +650,10 @@ def readme_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(signum: int, _frame) -> None:
+    raise SystemExit(f"bench peers: stopped by {signal.Signals(signum).name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pythons", default=",".join(DEFAULT_PYTHONS), help="interpreter labels (see .cache/targets)")
@@ -626,6 +669,10 @@ def main() -> None:
         ap.error("--repeats must be >= 1")
     if os.geteuid() != 0:
         raise SystemExit("bench peers: needs root (eBPF tools attach to the harness)")
+    # SIGTERM (and SIGINT, which a background job may have ignored) unwind through the
+    # `finally` blocks, so harnesses and tools are stopped rather than orphaned.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupted)
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

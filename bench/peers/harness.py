@@ -386,12 +386,16 @@ def segment(work, cmd: dict) -> dict:
         raise SystemExit(f"harness: unknown mode {mode!r}")
     if peer is not None:
         peer.start()
+    t0_ns = time.time_ns()
     c0, w0 = time.process_time(), time.perf_counter()
     work.run()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    t1_ns = time.time_ns()
     if peer is not None:
         peer.stop()
-    out.update(wall_s=wall, cpu_s=cpu, hwm_kb=_hwm_kb(), hwm0_kb=hwm0)
+    # start_ns/end_ns: the run's window on the wall clock, so a tool attached across several
+    # segments can have its spans counted per segment.
+    out.update(wall_s=wall, cpu_s=cpu, hwm_kb=_hwm_kb(), hwm0_kb=hwm0, start_ns=t0_ns, end_ns=t1_ns)
     if mode == "count":
         out["counts"] = _per_code(peer.starts, peer.resumes, files)
         out["starts_all"] = sum(peer.starts.values())

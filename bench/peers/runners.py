@@ -1,11 +1,12 @@
-"""Driving the harness, and attaching the external peers to it for one segment each.
+"""Driving the harness, and attaching the external peers to it.
 
-Every external tool follows the same path: the harness prepares the workload and calls
-`beacon()` every 5 ms; the tool starts (`t0`, the command start); the driver waits until the
-tool shows it is attached (ophamin-trace: its first span, the beacon's, in the output file;
-py-spy and pythoncalls: the line each prints once attached); then the harness times one
-`run()` while the tool watches; then the tool gets SIGINT, writes what it saw and exits, and
-its CPU time and peak RSS come from wait4().
+Every external tool follows the same path (`ToolSession`): the harness prepares the workload
+and calls `beacon()` every 5 ms; the tool starts (`t0`, the command start); the driver waits
+until the tool shows it is attached (ophamin-trace: its first span, the beacon's, in the output
+file; py-spy and pythoncalls: the line each prints once attached); then the harness times
+`run()` while the tool watches, once or for several segments (each segment's wall-clock window
+is known, so what the tool saw can be split per segment); then the tool gets SIGINT, writes
+what it saw and exits, and its CPU time and peak RSS come from wait4().
 """
 
 from __future__ import annotations
@@ -91,24 +92,19 @@ def _cpu_s(pid: int) -> float | None:
 
 @dataclass
 class ToolRun:
+    """What one tool session produced: status, the segments it watched, its own costs."""
+
     status: str  # "ok", "unavailable" (the tool cannot do this here) or "failed"
     reason: str = ""
-    segment: dict | None = None  # the harness's result for the timed run
+    segments: list = field(default_factory=list)  # the harness's results, each with tool_cpu_s
     attach_s: float | None = None  # command start -> first sign of attachment (ophamin: first span)
-    cpu_segment_s: float | None = None  # the tool's own CPU while the segment ran
     cpu_total_s: float | None = None
     peak_rss_kb: int | None = None
     stdout: str = ""
     stderr: str = ""
-    out_path: str = ""
     exit: int | None = None
     stop_s: float | None = None  # SIGINT -> exit: flushing what it saw
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("stdout", "stderr", "out_path")}
-        d["stderr_tail"] = self.stderr[-400:]
-        return d
 
 
 def _tail(text: str) -> str:
@@ -148,69 +144,106 @@ class _Child:
         return True
 
 
-def attached_segment(harness: Harness, argv: list[str], attached: Callable[[str, str, str], int | None],
-                     out_path: str, emitter: str, env: dict | None = None) -> ToolRun:
-    """Run `argv` against the harness for one timed segment (see the module docstring).
+class ToolSession:
+    """An external tool attached to a harness for one or more timed segments.
 
     `attached(out_path, stdout, stderr)` returns the Unix ns at which the tool was attached,
-    or None while it is not yet.
+    or None while it is not yet. If it never attaches, `ok` is False and `close()` says why.
     """
-    with tempfile.TemporaryDirectory(prefix="peers-tool-") as tmp:
-        so, se = Path(tmp, "stdout"), Path(tmp, "stderr")
+
+    def __init__(self, harness: Harness, argv: list[str], attached: Callable[[str, str, str], int | None],
+                 out_path: str = "", emitter: str = "noop", env: dict | None = None) -> None:
+        self.harness, self.emitter, self.out_path = harness, emitter, out_path
+        self._tmp = tempfile.TemporaryDirectory(prefix="peers-tool-")
+        self._so, self._se = Path(self._tmp.name, "stdout"), Path(self._tmp.name, "stderr")
+        self.run = ToolRun("ok")
         harness.begin_wait(mode="none", emitter=emitter)
         t0 = time.time_ns()
-        with open(so, "w") as fo, open(se, "w") as fe:
-            child = _Child(argv, fo, fe, env)
-        run = ToolRun("ok", out_path=out_path)
-
-        def texts() -> tuple[str, str]:
-            return so.read_text(errors="replace"), se.read_text(errors="replace")
-
+        with open(self._so, "w") as fo, open(self._se, "w") as fe:
+            self.child = _Child(argv, fo, fe, env)
         at = None
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        while at is None and not child.reap() and time.monotonic() < deadline:
+        while at is None and not self.child.reap() and time.monotonic() < deadline:
             time.sleep(0.02)
-            at = attached(out_path, *texts())
-        if at is None:
+            at = attached(out_path, *self._texts())
+        self.ok = at is not None
+        self._waiting = True  # the harness is beaconing, ready for its first timed run
+        if not self.ok:
             harness.go(run=False)
-            gone = child.exit is not None
-            child.stop(10)
-            run.stdout, run.stderr = texts()
+            self._waiting = False
+            gone = self.child.exit is not None
+            self.child.stop(10)
+            self.run.stdout, self.run.stderr = self._texts()
             # A tool that exits with an error before attaching cannot do this here; one that
             # hangs, or exits 0 without attaching, failed.
-            run.status = "unavailable" if gone and child.exit != 0 else "failed"
-            run.reason = _tail(run.stderr) or _tail(run.stdout) or f"not attached within {ATTACH_TIMEOUT_S:.0f} s"
-            return run
-        run.attach_s = (at - t0) / 1e9
-        c0 = _cpu_s(child.pid)
-        run.segment = harness.go()
-        c1 = _cpu_s(child.pid)
-        if c0 is not None and c1 is not None:
-            run.cpu_segment_s = c1 - c0
-        t_stop = time.monotonic()
-        if not child.stop(STOP_TIMEOUT_S):
-            run.status, run.reason = "failed", f"did not stop within {STOP_TIMEOUT_S:.0f} s of SIGINT"
-        run.stop_s = time.monotonic() - t_stop
-        ru = child.rusage
-        run.cpu_total_s = ru.ru_utime + ru.ru_stime
-        run.peak_rss_kb = ru.ru_maxrss
-        run.stdout, run.stderr = texts()
-        run.exit = child.exit  # tools differ in what they return on SIGINT: each parser judges
+            self.run.status = "unavailable" if gone and self.child.exit != 0 else "failed"
+            self.run.reason = (_tail(self.run.stderr) or _tail(self.run.stdout)
+                               or f"not attached within {ATTACH_TIMEOUT_S:.0f} s")
+        else:
+            self.run.attach_s = (at - t0) / 1e9
+
+    def _texts(self) -> tuple[str, str]:
+        return self._so.read_text(errors="replace"), self._se.read_text(errors="replace")
+
+    def segment(self) -> dict:
+        """One timed run of the workload while the tool watches; adds the tool's CPU meanwhile."""
+        if not self._waiting:
+            self.harness.begin_wait(mode="none", emitter=self.emitter)
+        self._waiting = False
+        c0 = _cpu_s(self.child.pid)
+        seg = self.harness.go()
+        c1 = _cpu_s(self.child.pid)
+        seg["tool_cpu_s"] = (c1 - c0) if c0 is not None and c1 is not None else None
+        self.run.segments.append(seg)
+        return seg
+
+    def close(self) -> ToolRun:
+        run = self.run
+        if self.ok:
+            if self._waiting:
+                self.harness.go(run=False)
+                self._waiting = False
+            t_stop = time.monotonic()
+            if not self.child.stop(STOP_TIMEOUT_S):
+                run.status, run.reason = "failed", f"did not stop within {STOP_TIMEOUT_S:.0f} s of SIGINT"
+            run.stop_s = time.monotonic() - t_stop
+            ru = self.child.rusage
+            run.cpu_total_s = ru.ru_utime + ru.ru_stime
+            run.peak_rss_kb = ru.ru_maxrss
+            run.stdout, run.stderr = self._texts()
+            run.exit = self.child.exit  # tools differ in what they return on SIGINT: each parser judges
+        self._tmp.cleanup()
         return run
 
 
 # ---- ophamin-trace ------------------------------------------------------------------------
 
 def _first_span_ns(out_path: str, stdout: str, stderr: str) -> int | None:
-    from tracer.otlpjson import decode_request  # noqa: PLC0415
-
     try:
         with open(out_path) as f:
             line = f.readline()
-        spans = list(decode_request(json.loads(line)))
-    except (OSError, ValueError):
+        starts = [int(sp["startTimeUnixNano"]) for rs in json.loads(line)["resourceSpans"]
+                  for ss in rs["scopeSpans"] for sp in ss["spans"]]
+    except (OSError, ValueError, KeyError):
         return None
-    return min(s.start_ns for s in spans) if spans else None
+    return min(starts) if starts else None
+
+
+def spans_by_window(out_path: str, windows: list[tuple[int, int]]) -> list[dict[str, int]]:
+    """Spans per name whose start falls in each (start_ns, end_ns) window. Only names and
+    start times are read, so a file of a million spans stays cheap."""
+    counts: list[dict[str, int]] = [{} for _ in windows]
+    with open(out_path) as f:
+        for line in f:
+            for rs in json.loads(line)["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    for sp in ss["spans"]:
+                        t = int(sp["startTimeUnixNano"])
+                        for i, (lo, hi) in enumerate(windows):
+                            if lo <= t <= hi:
+                                counts[i][sp["name"]] = counts[i].get(sp["name"], 0) + 1
+                                break
+    return counts
 
 
 def tracer_modes() -> set[str]:
@@ -224,18 +257,27 @@ def tracer_modes() -> set[str]:
     return set(CAPTURES)
 
 
-def ophamin(harness: Harness, spec_path: str, emitter: str, extra_args: tuple[str, ...] = (),
-            read_output: Callable[[str], dict] | None = None) -> ToolRun:
-    """One attached segment under ophamin-trace; `read_output(path)` may digest the span file
-    before it is deleted (its result lands in `extra["output"]`)."""
-    fd, out_path = tempfile.mkstemp(prefix="peers-ophamin-", suffix=".jsonl")
-    os.close(fd)
-    os.unlink(out_path)  # the tracer creates it; its first line is the attach signal
-    argv = [str(ROOT / ".venv/bin/python"), "-m", "tracer.cli", "--pid", str(harness.pid), "--spec", spec_path,
-            "--output", out_path, "--json", "--no-status", *extra_args]
-    try:
-        run = attached_segment(harness, argv, _first_span_ns, out_path, emitter)
-        if run.status == "ok":
+class OphaminSession(ToolSession):
+    """ophamin-trace (the worktree's CLI) attached for several segments; `close()` adds the
+    JSON summary and the spans per name in each window to `extra` (by default one window per
+    segment; set `windows` to count in others)."""
+
+    windows: list[tuple[int, int]] | None = None
+
+    def __init__(self, harness: Harness, spec_path: str, emitter: str = "noop",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        fd, out_path = tempfile.mkstemp(prefix="peers-ophamin-", suffix=".jsonl")
+        os.close(fd)
+        os.unlink(out_path)  # the tracer creates it; its first line is the attach signal
+        argv = [str(ROOT / ".venv/bin/python"), "-m", "tracer.cli", "--pid", str(harness.pid), "--spec", spec_path,
+                "--output", out_path, "--json", "--no-status", *extra_args]
+        super().__init__(harness, argv, _first_span_ns, out_path, emitter)
+
+    def close(self) -> ToolRun:
+        run = super().close()
+        try:
+            if run.status != "ok":
+                return run
             try:
                 res = json.loads(run.stdout)
             except ValueError:
@@ -243,13 +285,13 @@ def ophamin(harness: Harness, spec_path: str, emitter: str, extra_args: tuple[st
                 return run
             run.extra = {"counters": res["counters"], "losses": res["losses"], "attach_s_reported": res["attach_s"],
                          "spans": {s["name"]: s["count"] for s in res["stats"]}, "warnings": res["warnings"],
-                         "output_bytes": os.path.getsize(out_path) if os.path.exists(out_path) else 0}
-            if read_output is not None:
-                run.extra["output"] = read_output(out_path)
-        return run
-    finally:
-        if os.path.exists(out_path):
-            os.unlink(out_path)
+                         "output_bytes": os.path.getsize(self.out_path) if os.path.exists(self.out_path) else 0,
+                         "per_segment": spans_by_window(self.out_path, self.windows or [
+                             (s["start_ns"], s["end_ns"]) for s in run.segments])}
+            return run
+        finally:
+            if os.path.exists(self.out_path):
+                os.unlink(self.out_path)
 
 
 # ---- py-spy ---------------------------------------------------------------------------------
@@ -259,12 +301,16 @@ def _pyspy_attached(out_path: str, stdout: str, stderr: str) -> int | None:
 
 
 def pyspy(harness: Harness, pyspy_bin: str, emitter: str) -> ToolRun:
+    """py-spy record at PYSPY_RATE Hz (its default, blocking mode) for one segment."""
     fd, out_path = tempfile.mkstemp(prefix="peers-pyspy-", suffix=".txt")
     os.close(fd)
     argv = [pyspy_bin, "record", "--pid", str(harness.pid), "--rate", str(PYSPY_RATE), "--format", "raw",
             "--output", out_path]
     try:
-        run = attached_segment(harness, argv, _pyspy_attached, out_path, emitter)
+        sess = ToolSession(harness, argv, _pyspy_attached, out_path, emitter)
+        if sess.ok:
+            sess.segment()
+        run = sess.close()
         if run.status == "ok" and "Wrote raw" not in run.stdout + run.stderr:
             run.status, run.reason = "failed", f"exit {run.exit}, no profile written: {_tail(run.stderr)}"
         if run.status == "ok":
@@ -287,16 +333,18 @@ def _pythoncalls_attached(out_path: str, stdout: str, stderr: str) -> int | None
 
 
 def pythoncalls(harness: Harness, emitter: str) -> ToolRun:
+    """bcc's pythoncalls (USDT function__entry) for one segment; its call table parsed."""
     if not os.path.exists(PYTHONCALLS):
         return ToolRun("unavailable", f"{PYTHONCALLS} not installed (Debian package bpfcc-tools)")
-    run = attached_segment(harness, [PYTHONCALLS, "-l", "python", str(harness.pid)], _pythoncalls_attached, "",
-                           emitter)
+    sess = ToolSession(harness, [PYTHONCALLS, "-l", "python", str(harness.pid)], _pythoncalls_attached, "", emitter)
+    if sess.ok:
+        sess.segment()
+    run = sess.close()
     if run.status == "ok" and "# CALLS" not in run.stdout:
         run.status, run.reason = "failed", f"exit {run.exit}, no call table: {_tail(run.stderr)}"
     if run.status == "ok":
         calls: dict[str, int] = {}
-        body = run.stdout.split("# CALLS", 1)[1]
-        for line in body.splitlines():
+        for line in run.stdout.split("# CALLS", 1)[1].splitlines():
             name, _, n = line.strip().rpartition(" ")
             if name and n.isdigit():
                 calls[name.strip()] = int(n)
