@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ from tracer.interpreters import find_interpreters  # noqa: E402
 
 DEFAULT_PYTHONS = ("pyenv-3.11.7", "pyenv-3.12.1")
 CAPTURE_JSON = ROOT / "results" / "capture.json"
-CAPTURE_KEY = "bare_probe_ns_per_call"  # {label or version: ns per Python call, empty BPF program}
+# bench/capture.py's figure: interpreters.<label>.cost_ns.bare = ns a Python call costs with the
+# same probe sites holding an empty BPF program, over the untraced call.
+CAPTURE_PATH = ("interpreters", "<label>", "cost_ns", "bare")
 README_TITLE = "## Performance versus other tools"
+LONG_SEGMENT_S = 2.0  # a baseline segment this long is timed once per repeat, not twice
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class Cell:
         return "emitter-noop" if self.wl.reference else "untraced"
 
     def count_truth(self) -> None:
-        self.h.segment(mode="none", emitter="noop")  # warm-up: imports, caches, first touch
+        # The counting run is also the warm-up (imports, caches, first touch) of what follows.
         res = self.h.segment(mode="count", emitter="noop")
         per_fn = {(c["file"], c["line"]): c["starts"] for c in res["counts"]}
         self.truth = {
@@ -176,13 +180,19 @@ class Cell:
         return {(f.file, f.line): f.ident for f in self.large}
 
     def order(self, repeat: int) -> list[Alt]:
-        """Rotated per repeat; the tools' baseline goes first and again half-way."""
+        """Rotated per repeat; the tools' baseline goes first and, unless one segment takes
+        seconds (then once is enough and the budget needs the time), again half-way. An
+        alternative found unavailable (no USDT in this build, no --mode) is not retried."""
         base = next(a for a in self.alts if a.key == self.tool_base)
-        rest = [a for a in self.alts if a is not base]
+        gone = {k for k, runs in self.runs.items() if runs and runs[0].get("status") == "unavailable"}
+        rest = [a for a in self.alts if a is not base and a.key not in gone]
         k = (repeat * 3) % len(rest) if rest else 0
         rest = rest[k:] + rest[:k]
         half = len(rest) // 2
-        return [base, *rest[:half], base, *rest[half:]]
+        walls = [r["wall_s"] for r in self.runs.get(base.key, []) if "wall_s" in r]
+        typical = statistics.median(walls) if walls else self.truth.get("count_wall_s", 0.0)
+        twice = typical < LONG_SEGMENT_S
+        return [base, *rest[:half], *([base] if twice else []), *rest[half:]]
 
     def run_alt(self, alt: Alt, repeat: int, caps: dict) -> dict:
         rec: dict = {"repeat": repeat, "status": "ok"}
@@ -453,24 +463,24 @@ def _quick(w: Workload) -> Workload:
 
 def _bare_probe() -> dict:
     """The bare kernel probe cost per Python call from bench/capture.py, if it has run."""
+    where = CAPTURE_JSON.relative_to(ROOT)
     try:
         data = json.loads(CAPTURE_JSON.read_text())
     except (OSError, ValueError):
-        return {"status": "absent", "reason": f"{CAPTURE_JSON.relative_to(ROOT)} not found or unreadable"}
-    vals = data.get(CAPTURE_KEY)
-    if not isinstance(vals, dict):
-        return {"status": "absent", "reason": f"{CAPTURE_JSON.relative_to(ROOT)} has no {CAPTURE_KEY!r} object"}
-    return {"status": "ok", "values": vals}
+        return {"status": "absent", "reason": f"{where} not found or unreadable (run scripts/bench capture)"}
+    vals = {}
+    for label, d in (data.get("interpreters") or {}).items():
+        v = (d.get("cost_ns") or {}).get("bare") if isinstance(d, dict) else None
+        if isinstance(v, (int, float)):
+            vals[label] = float(v)
+    if not vals:
+        return {"status": "absent", "reason": f"{where} has no {'.'.join(CAPTURE_PATH)}"}
+    m = data.get("machine", {})
+    return {"status": "ok", "values": vals, "load": m.get("loadavg_before"), "mtime": CAPTURE_JSON.stat().st_mtime}
 
 
 def _bare_for(bare: dict, label: str, python: str) -> float | None:
-    if bare.get("status") != "ok":
-        return None
-    v = bare["values"]
-    for k in (label, python, ".".join(python.split(".")[:2])):
-        if isinstance(v.get(k), (int, float)):
-            return float(v[k])
-    return None
+    return bare.get("values", {}).get(label) if bare.get("status") == "ok" else None
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -537,6 +547,13 @@ def targets(res: dict) -> list[str]:
                          f"(worst repeat; exact per function in every repeat: {verdict}; "
                          f"{w['n_short']} functions short, {w['n_over']} over; most events lost in a repeat {lost})")
     lines.append("")
+    bp = res["bare_probe"]
+    if bp.get("status") == "ok":
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(bp["mtime"]))
+        load = ", ".join(f"{x:.1f}" for x in bp["load"]) if bp.get("load") else "?"
+        lines.append(f"Bare probe cost: `{CAPTURE_JSON.relative_to(ROOT)}` ({'.'.join(CAPTURE_PATH)}), written "
+                     f"{when}, load average then {load}.")
+        lines.append("")
     for c in res["cells"]:
         a = c["alternatives"]
         f = a.get("ophamin-small", {})

@@ -332,12 +332,17 @@ def _viztracer_seen(tracer, files: set) -> tuple[int, list]:
     """Entries VizTracer recorded, and per function of `files` how many complete calls."""
     total = tracer.parse()
     seen: dict = {}
+    keys: dict = {}  # event name -> (file, qualname, line) or None: names repeat, parse each once
     for ev in tracer.data["traceEvents"]:
         if ev.get("ph") != "X":
             continue
-        m = _VIZ_NAME.match(ev.get("name", ""))
-        if m and m.group("file") in files:
-            key = (m.group("file"), m.group("qual"), int(m.group("line")))
+        name = ev.get("name", "")
+        key = keys.get(name, 0)
+        if key == 0:
+            m = _VIZ_NAME.match(name)
+            key = keys[name] = (m.group("file"), m.group("qual"), int(m.group("line"))) \
+                if m and m.group("file") in files else None
+        if key is not None:
             seen[key] = seen.get(key, 0) + 1
     return total, [{"file": f, "viz_name": q, "line": ln, "calls": n} for (f, q, ln), n in seen.items()]
 

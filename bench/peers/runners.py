@@ -80,6 +80,19 @@ class Harness:
                 self.proc.wait()
 
 
+def _hwm_kb(pid: int) -> int | None:
+    """Peak RSS of a live process's current image. (wait4's ru_maxrss would not do: it also
+    counts the pre-exec copy of the forking driver, which grows as it parses results.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_s(pid: int) -> float | None:
     """utime + stime of a live process (all its threads), in seconds."""
     try:
@@ -121,9 +134,11 @@ class _Child:
         self.pid = self.proc.pid
         self.exit: int | None = None
         self.rusage = None
+        self.peak_kb = 0
 
     def reap(self, block: bool = False) -> bool:
         if self.exit is None:
+            self.peak_kb = max(self.peak_kb, _hwm_kb(self.pid) or 0)
             pid, status, ru = os.wait4(self.pid, 0 if block else os.WNOHANG)
             if pid:
                 self.exit, self.rusage = os.waitstatus_to_exitcode(status), ru
@@ -209,7 +224,7 @@ class ToolSession:
             run.stop_s = time.monotonic() - t_stop
             ru = self.child.rusage
             run.cpu_total_s = ru.ru_utime + ru.ru_stime
-            run.peak_rss_kb = ru.ru_maxrss
+            run.peak_rss_kb = self.child.peak_kb or None
             run.stdout, run.stderr = self._texts()
             run.exit = self.child.exit  # tools differ in what they return on SIGINT: each parser judges
         self._tmp.cleanup()
