@@ -121,8 +121,11 @@ class ToolRun:
 
 
 def _tail(text: str) -> str:
+    """A tool's complaint in one line: its first line, and its last if there are more."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    if len(lines) > 1:
+        return f"{lines[0]} ... {lines[-1]}"
+    return lines[0] if lines else ""
 
 
 class _Child:
