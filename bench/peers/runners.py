@@ -149,14 +149,16 @@ class _Child:
         return self.exit is not None
 
     def stop(self, timeout: float) -> bool:
-        """SIGINT, then wait up to `timeout`; SIGKILL after. True if it stopped on SIGINT."""
+        """SIGINT to its process group (as Ctrl-C would: Debian's pythoncalls-bpfcc is a shell
+        wrapper that does not pass a signal on to the tool it runs), then wait up to `timeout`;
+        SIGKILL after. True if it stopped on SIGINT."""
         if not self.reap():
-            os.kill(self.pid, signal.SIGINT)
+            os.killpg(self.pid, signal.SIGINT)
         deadline = time.monotonic() + timeout
         while not self.reap() and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.exit is None:
-            os.kill(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)
             self.reap(block=True)
             return False
         return True
