@@ -80,6 +80,18 @@ class Harness:
                 self.proc.wait()
 
 
+def _family(pid: int) -> list[int]:
+    """A process and its children (a tool started through a shell wrapper runs in a child)."""
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def _hwm_kb(pid: int) -> int | None:
     """Peak RSS of a live process's current image. (wait4's ru_maxrss would not do: it also
     counts the pre-exec copy of the forking driver, which grows as it parses results.)"""
@@ -141,7 +153,7 @@ class _Child:
 
     def reap(self, block: bool = False) -> bool:
         if self.exit is None:
-            self.peak_kb = max(self.peak_kb, _hwm_kb(self.pid) or 0)
+            self.peak_kb = max(self.peak_kb, *(_hwm_kb(p) or 0 for p in _family(self.pid)))
             pid, status, ru = os.wait4(self.pid, 0 if block else os.WNOHANG)
             if pid:
                 self.exit, self.rusage = os.waitstatus_to_exitcode(status), ru
@@ -210,10 +222,12 @@ class ToolSession:
         if not self._waiting:
             self.harness.begin_wait(mode="none", emitter=self.emitter)
         self._waiting = False
-        c0 = _cpu_s(self.child.pid)
+        family = _family(self.child.pid)
+        c0 = [_cpu_s(p) for p in family]
         seg = self.harness.go()
-        c1 = _cpu_s(self.child.pid)
-        seg["tool_cpu_s"] = (c1 - c0) if c0 is not None and c1 is not None else None
+        c1 = [_cpu_s(p) for p in family]
+        both = [(a, b) for a, b in zip(c0, c1) if a is not None and b is not None]
+        seg["tool_cpu_s"] = sum(b - a for a, b in both) if both else None
         self.run.segments.append(seg)
         return seg
 
