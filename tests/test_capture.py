@@ -306,3 +306,23 @@ def test_launch_mode_refuses_what_is_not_python(tmp_path):
                        text=True, timeout=60, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "before its interpreter was mapped" in r.stderr, r.stderr
+
+
+def test_a_dropped_exit_never_lends_its_start_to_another_call():
+    """Pairing logic alone (real events are in the tests above): when a ring-buffer drop loses
+    A's exit and B's call then reuses A's frame address, B is its own span and A is counted."""
+    from tracer.assemble.spans import Assembler, Clock
+    from tracer.assemble.values import TypeAddrs
+    from tracer.capture.engine import EV_ENTRY, EV_EXIT, RawEvent
+    from tracer.discover.layout import layout_from_table
+
+    spec = parse_spec('[[span]]\nfunction = "m:a"\n[[span]]\nfunction = "m:b"\n')
+    asm = Assembler(spec, os.getpid(), layout_from_table((3, 12, 0)), TypeAddrs({}, -1, -1, -1), Clock())
+
+    def ev(ts, kind, target, frame=0x1000, code=0x2000):
+        return RawEvent(ts, 7, kind, target, frame, code + target, "", (0,) * 24, ())
+
+    done = asm.feed([ev(1, EV_ENTRY, 1), ev(5, EV_ENTRY, 2), ev(9, EV_EXIT, 2),  # a's exit dropped
+                     ev(20, EV_ENTRY, 1), ev(30, EV_EXIT, 2)])  # a's exit and b's entry dropped
+    assert [(s.name, s.end_ns - s.start_ns) for s in done] == [("b", 4)]
+    assert asm.losses().unpaired == {"a": 2, "b": 1}

@@ -33,7 +33,8 @@ def _print_result(res, as_json: bool) -> None:
                    "stacks; their spans show as cut at detach)")
     for label, d in (("cut at attach (entered before the tracer)", lo.cut_at_attach),
                      ("cut at detach (still open)", lo.cut_at_detach),
-                     ("events with no open span", lo.orphan_events)):
+                     ("events with no open span", lo.orphan_events),
+                     ("calls left unpaired by ring-buffer drops", lo.unpaired)):
         if d:
             click.echo(f"{label}: " + ", ".join(f"{k} x{v}" for k, v in d.items()))
     if lo.unreadable_attributes:

@@ -78,11 +78,13 @@ class Losses:
     cut_at_detach: dict[str, int]
     orphan_events: dict[str, int]
     unreadable_attributes: int
+    # Calls whose entry or exit was lost (ring-buffer drops): counted, never paired with another.
+    unpaired: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"cut_at_attach": dict(self.cut_at_attach), "cut_at_detach": dict(self.cut_at_detach),
                 "orphan_events": dict(self.orphan_events),
-                "unreadable_attributes": self.unreadable_attributes}
+                "unreadable_attributes": self.unreadable_attributes, "unpaired": dict(self.unpaired)}
 
 
 class Assembler:
@@ -96,6 +98,7 @@ class Assembler:
         self.sched_attrs = sched_attrs  # (entry snapshot, exit snapshot, rss0, rss1) -> attrs
         self.open: dict[int, _Open] = {}  # frame address -> open span
         self.cut_at_attach: Counter[str] = Counter()
+        self.unpaired: Counter[str] = Counter()
         self.orphan_events: Counter[str] = Counter()
         self.unreadable = 0
         self.hits: Counter[str] = Counter()
@@ -198,8 +201,13 @@ class Assembler:
             return
         o = self.open.get(ev.frame)
         if o is not None:
-            o.resumes += 1  # a generator/coroutine resumed, or a RESUME re-run after instrumenting
-            return
+            if o.target.target_id == t.target_id:
+                o.resumes += 1  # a RESUME re-run after instrumenting (3.12+ sys.monitoring)
+                return
+            # Another function's call at this frame address: the open span's exit was lost (a
+            # ring-buffer drop, counted there). Never let it absorb this call: count it, go on.
+            del self.open[ev.frame]
+            self.unpaired[o.target.name] += 1
         parent = self._nearest_open(ev)
         attrs = {"thread.id": ev.tid, "thread.name": self._thread_name(ev.tid),
                  "code.function": t.qualname.rsplit(".", 1)[-1], "code.namespace": t.module}
@@ -213,6 +221,10 @@ class Assembler:
         o = self.open.pop(ev.frame, None)
         if o is None:
             self.cut_at_attach[t.name] += 1
+            return None
+        if o.target.target_id != t.target_id:  # both this exit's entry and o's exit were dropped
+            self.unpaired[o.target.name] += 1
+            self.unpaired[t.name] += 1
             return None
         attrs = dict(o.attrs)
         if o.resumes:
@@ -230,7 +242,8 @@ class Assembler:
 
     def losses(self) -> Losses:
         detach = Counter(o.target.name for o in self.open.values() if o.target.kind == "span")
-        return Losses(dict(self.cut_at_attach), dict(detach), dict(self.orphan_events), self.unreadable)
+        return Losses(dict(self.cut_at_attach), dict(detach), dict(self.orphan_events), self.unreadable,
+                      dict(self.unpaired))
 
 
 def resource_for(spec: Spec, interp, pid: int) -> dict:
