@@ -77,13 +77,17 @@ struct event {
     u64 code;
     u64 exc_type;     /* exits by exception: the exception's type object */
     char exc_name[48];
-    u64 ancestors[ANCESTORS]; /* entries: the caller frames, nearest first */
 #ifdef WITH_SCHED
     struct sched_acct sched;
     u64 rss;
 #endif
+    /* Exits end here (EV_SIZE_EXIT), entries of targets without attributes after the
+     * ancestors (EV_SIZE_ENTRY): the ring carries and user space decodes only what is set. */
+    u64 ancestors[ANCESTORS]; /* entries: the caller frames, nearest first */
     struct arg_val args[MAX_ARGS];
 };
+#define EV_SIZE_EXIT __builtin_offsetof(struct event, ancestors)
+#define EV_SIZE_ENTRY __builtin_offsetof(struct event, args)
 
 struct tstack { u32 depth; u32 pad; u64 frames[STACK_DEPTH]; };
 
@@ -217,12 +221,12 @@ static __always_inline struct event *new_event(u32 tid, u16 kind, u32 target_id,
  * takes to turn the event into a span (hundreds of µs, measured in parity); the reader also
  * drains the ring on a timer, so an unwoken event waits at most one poll interval. */
 #define WAKE_EVERY 512
-static __always_inline void submit(struct event *e) {
+static __always_inline void submit(struct event *e, u64 size) {
     u32 k = C_SUBMITTED;
     u64 *n = counters.lookup(&k);
     u64 flags = BPF_RB_NO_WAKEUP;
     if (n && ++(*n) % WAKE_EVERY == 0) flags = BPF_RB_FORCE_WAKEUP;
-    if (events.ringbuf_output(e, sizeof(*e), flags) != 0) count(C_DROPPED);
+    if (events.ringbuf_output(e, size, flags) != 0) count(C_DROPPED);
 }
 
 static __always_inline void capture_args(struct event *e, u64 frame, u32 target_id) {
@@ -277,7 +281,7 @@ static __always_inline int emit_entry(u32 tid, u16 kind, u64 frame, u64 code, u3
     fill_ancestors(e, frame);
     capture_args(e, frame, target_id);
     count(C_TARGET_ENTRIES);
-    submit(e);
+    submit(e, e->nargs ? sizeof(*e) : EV_SIZE_ENTRY);
     return 0;
 }
 
@@ -353,7 +357,7 @@ int on_exit(struct pt_regs *ctx) {
     if (!e) return 0;
     if (kind == EV_EXIT_EXC) fill_exception(e, tstate);
     count(C_TARGET_EXITS);
-    submit(e);
+    submit(e, EV_SIZE_EXIT);
     return 0;
 }
 
@@ -438,7 +442,7 @@ static __always_inline void emit_exit(u32 tid, u64 frame, u64 code, u32 target_i
         if (by_exception || e->exc_type) e->kind = EV_EXIT_EXC;
     }
     count(C_TARGET_EXITS);
-    submit(e);
+    submit(e, EV_SIZE_EXIT);
 }
 
 #ifdef ENTRY_FRAMES_END_AT_RETURN

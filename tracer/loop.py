@@ -149,7 +149,10 @@ class TraceLoop:
             if reason:  # only now is it known that sched alone failed, not the process
                 self.sched_unavailable = reason
         try:
-            resource = {**capture.resource, **process_attributes(pid)}
+            # Completed in place: a capture that stamps spans with its own resource dict then
+            # stamps the full one, and _deliver has no per-span copy to make.
+            capture.resource.update(process_attributes(pid))
+            resource = capture.resource
             enrichers = [ENRICHERS[n](pid, opts) for n in opts.enrichers]
         except BaseException:
             capture.close()
@@ -194,7 +197,7 @@ class TraceLoop:
     def _deliver(self, t: _Live, done: list[Span]) -> None:
         if not done:
             return
-        done = [replace(s, resource=t.resource) for s in done]
+        done = [s if s.resource is t.resource else replace(s, resource=t.resource) for s in done]
         t.n_spans += len(done)
         for ex in self.exporters:
             ex.export(done)

@@ -81,7 +81,7 @@ class Capture(Protocol):
 
     pid: int
     interpreter: dict  # Interpreter.to_dict()
-    resource: dict  # OpenTelemetry resource attributes of its spans
+    resource: dict  # OpenTelemetry resource attributes of its spans (the loop may complete it in place)
     warnings: list[str]
 
     def poll(self, timeout_ms: int) -> list[Span]: ...  # spans finished since the last call
@@ -112,7 +112,8 @@ class ExactCapture:
             self.resource = resource_for(spec, interp, pid)
             self.warnings = list(self.engine.info.warnings)
             self.assembler = Assembler(spec, pid, self.engine.info.layout,
-                                       TypeAddrs.of(open_image(interp.host_path), interp.bias), Clock())
+                                       TypeAddrs.of(open_image(interp.host_path), interp.bias), Clock(),
+                                       resource=self.resource)
         except BaseException:
             self.engine.close()
             raise

@@ -17,7 +17,7 @@ still open at detach (cut at detach), events with no open span to land on.
 from __future__ import annotations
 
 import os
-import secrets
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +27,18 @@ from ..discover.layout import Layout, _Mem, _read_str
 from ..otlpjson import STATUS_ERROR, STATUS_UNSET, Span, SpanEvent
 from ..spec import MAX_ARGS, Spec, Target
 from .values import UNREADABLE, TypeAddrs, decode
+
+# Span and trace ids must be unique, not secret (the OpenTelemetry SDK draws them the same way):
+# a generator seeded from the OS costs a fraction of secrets.token_hex per span.
+_ids = random.Random(int.from_bytes(os.urandom(16), "little"))
+
+
+def _span_id() -> str:
+    return f"{_ids.getrandbits(64) or 1:016x}"
+
+
+def _trace_id() -> str:
+    return f"{_ids.getrandbits(128) or 1:032x}"
 
 
 class Clock:
@@ -89,13 +101,14 @@ class Losses:
 
 class Assembler:
     def __init__(self, spec: Spec, pid: int, layout: Layout, types: TypeAddrs,
-                 clock: Clock | None = None, sched_attrs=None) -> None:
+                 clock: Clock | None = None, sched_attrs=None, resource: dict | None = None) -> None:
         self.targets = {t.target_id: t for t in spec.targets}
         self.pid = pid
         self.layout = layout
         self.types = types
         self.clock = clock or Clock()
         self.sched_attrs = sched_attrs  # (entry snapshot, exit snapshot, rss0, rss1) -> attrs
+        self.resource = resource if resource is not None else {}  # shared by every span, not copied
         self.open: dict[int, _Open] = {}  # frame address -> open span
         self.cut_at_attach: Counter[str] = Counter()
         self.unpaired: Counter[str] = Counter()
@@ -213,7 +226,7 @@ class Assembler:
                  "code.function": t.qualname.rsplit(".", 1)[-1], "code.namespace": t.module}
         attrs.update(self._attributes(t, ev))
         self.open[ev.frame] = _Open(
-            t, secrets.token_hex(8), parent.trace_id if parent else secrets.token_hex(16),
+            t, _span_id(), parent.trace_id if parent else _trace_id(),
             parent.span_id if parent else "", self.clock.unix(ev.ts), ev.tid, attrs,
             sched0=ev.sched, rss0=ev.rss)
 
@@ -238,7 +251,7 @@ class Assembler:
             status, message = STATUS_ERROR, ev.exc_name or "exception"
             attrs["exception.type"] = ev.exc_name
         return Span(o.trace_id, o.span_id, o.parent_span_id, t.name, o.start, self.clock.unix(ev.ts),
-                    attrs, tuple(o.events), status, message)
+                    attrs, tuple(o.events), status, message, self.resource)
 
     def losses(self) -> Losses:
         detach = Counter(o.target.name for o in self.open.values() if o.target.kind == "span")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "droppe
             "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch",
             "submitted")
 EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, EV_RESUME = 1, 2, 3, 4, 5
+_HEAD = struct.Struct("<QIHHIIQQ")  # struct event up to `code`
 # The BPF function behind each probe-site role (bpf/capture.c).
 HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
 _PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp"}
@@ -151,6 +153,7 @@ class CaptureEngine:
         # bcc cannot infer the event type from a struct with nested arrays: use the
         # scratch map's value type, which is the same `struct event`.
         self._event_type = self.bpf[b"scratch"].sLeaf
+        self._decode = self._decoder()
         self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     # ---- setup ------------------------------------------------------------------------
@@ -232,20 +235,33 @@ class CaptureEngine:
         self.seed_threads()
 
     # ---- streaming --------------------------------------------------------------------
-    def _on_event(self, _ctx, data, _size) -> None:
-        e = ctypes.cast(data, ctypes.POINTER(self._event_type)).contents
-        args = tuple((a.obj, a.type, bytes(a.head), bytes(a.data)) for a in e.args[: e.nargs])
-        sched = None
-        rss = None
-        if self.with_sched:
-            s = e.sched
-            sched = {f: getattr(s, f) for f, _ in s._fields_ if f != "cpu_runs"}
-            sched["cpu_runs"] = list(s.cpu_runs)
-            rss = e.rss
-        self._events.append(RawEvent(
-            e.ts, e.tid, e.kind, e.target_id, e.frame, e.code,
-            bytes(e.exc_name).split(b"\0", 1)[0].decode(errors="replace"),
-            tuple(e.ancestors), args, sched, rss))
+    def _decoder(self):
+        """Offsets of `struct event` (from the layout bcc gave the scratch map's value type),
+        so each event is decoded with a few struct.unpack_from calls: this runs per event."""
+        t = self._event_type
+        exc, anc, args = t.exc_name.offset, t.ancestors.offset, t.args.offset
+        arg = struct.Struct("<QQ32s48s")
+        ancestors = struct.Struct(f"<{len(t().ancestors)}Q")
+        sched_t = type(t().sched) if self.with_sched else None
+        sched_off, rss_off = (t.sched.offset, t.rss.offset) if self.with_sched else (0, 0)
+
+        def decode(raw: bytes) -> RawEvent:
+            ts, tid, kind, nargs, target_id, _, frame, code = _HEAD.unpack_from(raw, 0)
+            exc_name = raw[exc:exc + 48].split(b"\0", 1)[0].decode(errors="replace") if kind == EV_EXIT_EXC else ""
+            anc_t = ancestors.unpack_from(raw, anc) if len(raw) > anc else ()
+            args_t = tuple(arg.unpack_from(raw, args + arg.size * i) for i in range(nargs)) if nargs else ()
+            sched = rss = None
+            if sched_t is not None:
+                s = sched_t.from_buffer_copy(raw, sched_off)
+                sched = {f: getattr(s, f) for f, _ in s._fields_ if f != "cpu_runs"}
+                sched["cpu_runs"] = list(s.cpu_runs)
+                rss = struct.unpack_from("<Q", raw, rss_off)[0]
+            return RawEvent(ts, tid, kind, target_id, frame, code, exc_name, anc_t, args_t, sched, rss)
+
+        return decode
+
+    def _on_event(self, _ctx, data, size) -> None:
+        self._events.append(self._decode(ctypes.string_at(data, size)))
 
     def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
         """Events since the last call. Waits up to `timeout_ms` for a wakeup (the kernel side
