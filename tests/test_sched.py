@@ -131,13 +131,10 @@ class Snapshotter:
 
     def _on_snap(self, ctx, data, size) -> int:
         class Ev(ctypes.Structure):
-            _fields_ = [("ts", ctypes.c_uint64), ("proc_on_cpu_ns", ctypes.c_uint64),
-                        ("rss_bytes", ctypes.c_uint64), ("tid", ctypes.c_uint32),
-                        ("pad", ctypes.c_uint32), ("acct", SchedAcct)]
+            _fields_ = [("tid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("acct", SchedAcct)]
 
         e = ctypes.cast(data, ctypes.POINTER(Ev)).contents
-        self.events.append(ThreadSnapshot.from_acct(e.tid, e.acct, proc_on_cpu_ns=e.proc_on_cpu_ns,
-                                                    rss_bytes=e.rss_bytes))
+        self.events.append(ThreadSnapshot.from_acct(e.tid, e.acct))
         return 0
 
     def windows(self) -> List[SpanSched]:

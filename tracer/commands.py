@@ -33,6 +33,9 @@ def _print_result(res, as_json: bool) -> None:
             click.echo(f"{label}: " + ", ".join(f"{k} x{v}" for k, v in d.items()))
     if lo.unreadable_attributes:
         click.echo(f"attribute values not readable: {lo.unreadable_attributes}")
+    sched = {k[len("sched_"):]: v for k, v in c.items() if k.startswith("sched_")}
+    if sched:
+        click.echo("scheduler programs: " + ", ".join(f"{k} {v:,}" for k, v in sched.items()))
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for name, info in res.exporters.items():
@@ -51,10 +54,12 @@ def _print_result(res, as_json: bool) -> None:
 @click.option("--duration", type=float, help="Stop after this many seconds.")
 @click.option("--sched/--no-sched", default=False, show_default=True,
               help="Add scheduler and memory attributes to each span.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="With --sched: write the per-cycle resource profile (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, no_status, command):
+def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, profile_path, as_json, no_status, command):
     """Attach to a Python process and turn the spec's functions into spans.
 
     \b
@@ -62,6 +67,7 @@ def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, n
       sudo ophamin-trace --pid 4242 --spec reference --output spans.jsonl
       sudo ophamin-trace --pid 4242 --spec my.toml --otlp-endpoint http://127.0.0.1:4318
       sudo ophamin-trace --spec reference -o spans.jsonl -- python -m tracer.reference --cycles 10
+      sudo ophamin-trace --pid 4242 --sched --profile profile.json -o spans.jsonl
     Stops on Ctrl-C, SIGTERM, --duration, or when the target exits; always detaches,
     flushes, and prints a per-span table (count, median, p10, p90, max).
     """
@@ -69,11 +75,17 @@ def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, n
 
     if (pid is None) == (not command):
         raise click.UsageError("give either --pid PID or -- COMMAND ...")
+    if profile_path and not sched:
+        raise click.UsageError("--profile needs --sched (the profile is measured by the scheduler programs)")
     spec = load_spec(spec_name)
     if command:
         pid = launch(list(command))
     res = run_trace(pid, spec, output=output, otlp_endpoint=otlp_endpoint, duration=duration,
                     status=not no_status, with_sched=sched)
+    if profile_path:
+        from .correlate.profile import write_profile  # noqa: PLC0415
+
+        write_profile(res.spans, profile_path)
     _print_result(res, as_json)
 
 
@@ -126,17 +138,20 @@ def probes_cmd(pid, as_json):
 @click.option("--python", "python", default=None, help="Interpreter to run the substrate (default: this one).")
 @click.option("--out", "out_dir", default="validate-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--max-p99-us", default=50.0, show_default=True, help="Timing threshold after the offset fit.")
+@click.option("--sched/--no-sched", default=False, show_default=True,
+              help="Add scheduler and memory attributes; write the per-cycle profile.json.")
 @click.option("--json", "as_json", is_flag=True)
-def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, as_json):
+def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, sched, as_json):
     """Run the reference substrate with its in-process emitter, trace it, and check parity.
 
     \b
     Examples:
       sudo ophamin-trace validate --cycles 30
       sudo ophamin-trace validate --python /usr/bin/python3.11 --json
+      sudo ophamin-trace validate --sched --cycles 10 --cycle-ms 200
     Exit 0 when the eBPF spans match the emitter's within thresholds, 1 otherwise.
     """
-    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us)
+    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us, with_sched=sched)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -144,6 +159,8 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, as_json):
         click.echo("\nper_step_timing (ms): " + ", ".join(
             f"{k}: median {v['median_ms']:.3f} p10 {v['p10_ms']:.3f} p90 {v['p90_ms']:.3f}"
             for k, v in res["per_step_timing"].items()))
+        if "profile" in res:
+            click.echo(f"per-cycle profile: {res['profile']}")
         click.echo(f"\nverdict: {'PASS' if res['passed'] else 'FAIL'}  (files in {out_dir})")
     sys.exit(0 if res["passed"] else 1)
 
@@ -177,6 +194,12 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
     report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
     steps = {s.name: {"median_ms": s.median_ns / 1e6, "p10_ms": s.p10_ns / 1e6, "p90_ms": s.p90_ns / 1e6,
                       "count": s.count} for s in res.stats}
-    return {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
-            "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
-            "hooks": str(hooks), "ebpf": str(ebpf), "python": python}
+    out_d = {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
+             "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
+             "hooks": str(hooks), "ebpf": str(ebpf), "python": python}
+    if with_sched:
+        from .correlate.profile import write_profile  # noqa: PLC0415
+
+        write_profile(res.spans, str(out / "profile.json"))
+        out_d["profile"] = str(out / "profile.json")
+    return out_d

@@ -91,7 +91,7 @@ class Assembler:
         self.layout = layout
         self.types = types
         self.clock = clock or Clock()
-        self.sched_attrs = sched_attrs  # (entry snapshot, exit snapshot, rss0, rss1) -> attrs
+        self.sched_attrs = sched_attrs  # (open span, exit event) -> attrs, from their snapshots
         self.open: dict[int, _Open] = {}  # frame address -> open span
         self.cut_at_attach: Counter[str] = Counter()
         self.orphan_events: Counter[str] = Counter()

@@ -79,7 +79,9 @@ def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched:
         macro, off = FRAME_SUSPEND_FIELD[version[:2]]
         flags.append(f"-D{macro}={off}")
     if with_sched:
-        flags += ["-DWITH_SCHED", f"-DSCHED_NR_CPUS={os.cpu_count() or 1}"]
+        from ..correlate.sched import sched_cflags  # noqa: PLC0415
+
+        flags += ["-DWITH_SCHED", *sched_cflags(pid, with_target=False)]
     return flags
 
 
@@ -119,6 +121,10 @@ class CaptureEngine:
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
         self._fill_maps(rules)
+        if with_sched:
+            from ..correlate.sched import seed_rss  # noqa: PLC0415
+
+            seed_rss(self.bpf, pid)  # before the probes: the first snapshots read it
         t0 = time.monotonic()
         self._attach(plan, interp)
         self.info.attach_s = time.monotonic() - t0
