@@ -75,6 +75,7 @@ struct sched_acct {
     u32 page_faults;   /* user page faults (minor + major); 0 without SCHED_PAGE_FAULTS */
     u32 flags;         /* SCHED_F_* */
     u64 sum_exec_ns;   /* the kernel's se.sum_exec_runtime of the thread at last_ts */
+    u64 carry_ns;      /* of it, CPU not yet counted in on_cpu_ns (see sched_close_exact) */
     /* Filled by sched_read() only (0 in the map): the process at the same instant. */
     u64 proc_on_cpu_ns;     /* on-CPU ns of all the target's threads */
     u64 proc_page_faults;   /* user page faults of all the target's threads */
@@ -205,8 +206,9 @@ static __always_inline void sched_close_exact(struct sched_acct *a, u64 now, u64
 {
     u64 wall = now > a->last_ts ? now - a->last_ts : 0;
     u64 cpu = 0;
-    if ((a->flags & SCHED_F_EXEC) && exec >= a->sum_exec_ns)
-        cpu = exec - a->sum_exec_ns;
+    u64 base = a->sum_exec_ns - a->carry_ns;
+    if ((a->flags & SCHED_F_EXEC) && exec >= base)
+        cpu = exec - base;
     else if (a->state == SCHED_ST_ON_CPU)
         cpu = wall;
     /* The kernel's slice runs from its own clock reads, a µs or so before each
@@ -227,7 +229,8 @@ static __always_inline void sched_close_exact(struct sched_acct *a, u64 now, u64
         else
             a->run_queue_ns += wall - cpu;
     }
-    a->sum_exec_ns = exec - carry;
+    a->sum_exec_ns = exec;
+    a->carry_ns = carry;
     a->flags |= SCHED_F_EXEC;
 }
 

@@ -71,6 +71,7 @@ class SchedAcct(ctypes.Structure):
         ("page_faults", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("sum_exec_ns", ctypes.c_uint64),
+        ("carry_ns", ctypes.c_uint64),
         ("proc_on_cpu_ns", ctypes.c_uint64),
         ("proc_page_faults", ctypes.c_uint64),
         ("rss_bytes", ctypes.c_uint64),
@@ -84,7 +85,7 @@ class RssSampleC(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in ("ts", "total", "file", "anon", "shmem")]
 
 
-assert ctypes.sizeof(SchedAcct) == 232, "keep SchedAcct in step with struct sched_acct"
+assert ctypes.sizeof(SchedAcct) == 240, "keep SchedAcct in step with struct sched_acct"
 
 
 @dataclass(frozen=True)
