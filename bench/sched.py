@@ -18,7 +18,7 @@ counts and run times (`kernel.bpf_stats_enabled`, restored afterwards): handler 
 divided by wall time is what the programs took, whatever else ran. Prints medians and
 spreads; writes results/sched.json.
 
-    scripts/bench sched [--repeats 7] [--cycles 30] [--cycle-ms 50] [--python PATH]
+    scripts/bench sched [--repeats 7] [--cycles 30] [--cycle-ms 50] [--python PATH] [--modes a,b]
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def start_substrate(python: str, cycles: int, cycle_ms: int, out: str) -> subpro
                           "--wait-for-attach", "--out", out], env=env, stdout=subprocess.PIPE, text=True)
     first = json.loads(p.stdout.readline())
     assert first["pid"] == p.pid, first
+    # The substrate's SIGUSR1 mask covers its main thread only: a signal sent before that
+    # thread sits in sigwait can land on another thread (numpy's) and be lost.
+    deadline = time.monotonic() + 10
+    while "sigtimedwait" not in Path(f"/proc/{p.pid}/wchan").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
     return p
 
 
@@ -133,16 +138,20 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=30)
     ap.add_argument("--cycle-ms", type=int, default=50)
     ap.add_argument("--python", default=default_python(), help="interpreter that runs the substrate")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     args = ap.parse_args()
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if len(modes) < 2:
+        ap.error(f"--modes: give at least two of {', '.join(MODES)}")
     old_knob = STATS_KNOB.read_text().strip()
     STATS_KNOB.write_text("1")
-    walls: dict[str, list[float]] = {m: [] for m in MODES}
-    cpus: dict[str, list[float]] = {m: [] for m in MODES}
-    runs: dict[str, dict[str, list[int]]] = {m: {} for m in MODES}
-    counters: dict[str, dict[str, int]] = {m: {} for m in MODES}
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
+    runs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
+    counters: dict[str, dict[str, int]] = {m: {} for m in modes}
     try:
         for i in range(args.repeats):
-            order = MODES[i % len(MODES):] + MODES[:i % len(MODES)]
+            order = modes[i % len(modes):] + modes[:i % len(modes)]
             for mode in order:
                 r = run_once(mode, args.python, args.cycles, args.cycle_ms)
                 walls[mode].append(r["wall_s"])
@@ -153,17 +162,21 @@ def main() -> None:
                     acc[1] += ns
                 for k, v in r["counters"].items():
                     counters[mode][k] = counters[mode].get(k, 0) + v
-            print(f"  repeat {i + 1}/{args.repeats}: " + ", ".join(f"{m} {walls[m][-1]:.3f} s" for m in MODES),
+            print(f"  repeat {i + 1}/{args.repeats}: " + ", ".join(f"{m} {walls[m][-1]:.3f} s" for m in modes),
                   flush=True)
     finally:
         STATS_KNOB.write_text(old_knob)
 
-    def overhead(base: str, with_: str, xs: dict[str, list[float]] = walls) -> dict:
+    def overhead(base: str, with_: str, xs: dict[str, list[float]] = walls) -> dict | None:
+        if base not in xs or with_ not in xs:
+            return None
         pairs = [(a - b) / b * 100 for a, b in zip(xs[with_], xs[base])]
         mb, mw = statistics.median(xs[base]), statistics.median(xs[with_])
         return {"of_medians_pct": (mw - mb) / mb * 100, "pairs_pct": spread(pairs)}
 
-    def handlers(mode: str, prefix: tuple[str, ...]) -> dict:
+    def handlers(mode: str, prefix: tuple[str, ...]) -> dict | None:
+        if mode not in runs:
+            return None
         sel = {k: v for k, v in runs[mode].items() if k.startswith(prefix)}
         total_ns = sum(ns for _, ns in sel.values())
         return {"ns_per_run": {k: (ns / n if n else 0.0) for k, (n, ns) in sel.items()},
@@ -176,9 +189,10 @@ def main() -> None:
         "workload": f"tracer.reference, {args.cycles} cycles x cycle_ms {args.cycle_ms} (main + takwin-vault worker), "
                     f"{Path(args.python).parent.parent.name}",
         "repeats": args.repeats,
-        "wall_s": {m: spread(walls[m]) for m in MODES},
+        "modes": list(modes),
+        "wall_s": {m: spread(walls[m]) for m in modes},
         "wall_s_all": walls,
-        "cpu_s": {m: spread(cpus[m]) for m in MODES},
+        "cpu_s": {m: spread(cpus[m]) for m in modes},
         "sched_vs_detached": overhead("detached", "sched"),
         "capture_sched_vs_capture": overhead("capture", "capture+sched"),
         # The target's own CPU time: handlers running in its threads are charged to it, and
@@ -196,13 +210,15 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    def line(name: str, o: dict) -> str:
+    def line(name: str, o: dict | None) -> str:
+        if o is None:
+            return f"  {name}: not run"
         p = o["pairs_pct"]
         return (f"  {name}: {o['of_medians_pct']:+.2f}% (medians); paired median {p['median']:+.2f}%, "
                 f"IQR {p['q1']:+.2f}..{p['q3']:+.2f}%, range {p['min']:+.2f}..{p['max']:+.2f}%")
 
     print(f"sched: {result['workload']}, {args.repeats} repeats, modes rotated")
-    for m in MODES:
+    for m in modes:
         w = result["wall_s"][m]
         print(f"  {m:14} wall median {w['median']:.3f} s (range {w['min']:.3f}..{w['max']:.3f})")
     print(line("wall, sched programs vs detached", result["sched_vs_detached"]))
@@ -211,6 +227,8 @@ def main() -> None:
     print(line("target CPU, capture+sched vs capture", result["cpu_capture_sched_vs_capture"]))
     for key in ("sched_handlers", "capture_handlers", "capture_handlers_with_sched"):
         h = result[key]
+        if h is None:
+            continue
         per = ", ".join(f"{k.split('__')[-1]} {v:.0f} ns" for k, v in h["ns_per_run"].items())
         print(f"  {key} (bpf_stats, its own clock reads included): {h['pct_of_wall']:.3f}% of wall; "
               f"per run: {per}")

@@ -94,7 +94,8 @@ struct sched_cpu_slot {
     u32 tid;         /* target thread on this CPU now, 0 if none */
     u32 arrival_ok;  /* arrival_off has been measured on this CPU */
     u64 since;       /* when it was switched in */
-    u64 last_switch; /* the last context switch this CPU reported, any task */
+    u64 last_switch; /* the last context switch this CPU reported (any task without
+                      * TASK_ARRIVAL_OFF, else the target's) */
     s64 arrival_off; /* CLOCK_MONOTONIC minus the scheduler's clock, from a reported switch-in */
 };
 
@@ -255,21 +256,28 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 {
     /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
      *          unsigned int prev_state); prev is current. */
-    u32 cpu = bpf_get_smp_processor_id();
-    u64 now = bpf_ktime_get_ns();
-    struct sched_cpu_slot *slot = sched_cpu_cur.lookup(&cpu);
     u64 prev_id = bpf_get_current_pid_tgid();
     u32 prev = (u32)prev_id;
-    if (slot) {
-        slot->last_switch = now;
-        if (slot->tid != 0 && slot->tid != prev)
-            slot->tid = 0; /* its switch-out went unreported: it is not running here */
-    }
     u64 next_task = ctx->args[2];
     u64 next_id = sched_task_ids(next_task);
     u32 next = (u32)next_id;
     int prev_is_target = prev != 0 && (prev_id >> 32) == TARGET_TGID;
     int next_is_target = next != 0 && (next_id >> 32) == TARGET_TGID;
+#ifdef TASK_ARRIVAL_OFF
+    /* Most switches on the machine are not the target's: leave before any clock read. */
+    if (!prev_is_target && !next_is_target)
+        return 0;
+#endif
+    u32 cpu = bpf_get_smp_processor_id();
+    u64 now = bpf_ktime_get_ns();
+    struct sched_cpu_slot *slot = sched_cpu_cur.lookup(&cpu);
+    if (slot) {
+        /* Without the scheduler's arrival stamp, an unreported switch-in is dated from
+         * the last switch this CPU reported: every switch keeps that time. */
+        slot->last_switch = now;
+        if (slot->tid != 0 && slot->tid != prev)
+            slot->tid = 0; /* its switch-out went unreported: it is not running here */
+    }
     if (!prev_is_target && !next_is_target)
         return 0;
 
