@@ -1,12 +1,24 @@
-"""Extra wall cost of the scheduler/memory programs (bpf/sched.c) on a CPU+sleep workload.
+"""Extra cost of the scheduler/memory programs (bpf/sched.c) on the reference substrate.
 
-The workload is a process whose main thread and one worker thread alternate hashing
-(GIL released, so both run in parallel) with short sleeps: thousands of context switches
-and wakeups a second, the events the programs handle. Each repeat runs the workload once
-detached and once with bpf/sched.c attached to it, in alternating order, and the workload
-times itself. Prints the median wall of each and the overhead; writes results/sched.json.
+The workload is `python -m tracer.reference` (main thread plus its `takwin-vault` worker
+thread, which sleeps and hashes while the main thread waits on it: thousands of context
+switches and wakeups a second). Each repeat runs the same batch of cycles in four modes,
+in a rotating order, and the substrate times its own cycles (the sum of its
+`cycle_seconds`, so start-up and attach are not counted):
 
-    scripts/bench sched [--repeats 7] [--seconds 2]
+  detached        no BPF at all
+  sched           bpf/sched.c alone (SchedMonitor): the tracepoint programs' cost
+  capture         the exact capture (spans, no --sched)
+  capture+sched   the exact capture with --sched: tracepoint programs plus a snapshot in
+                  every entry/exit handler of a traced function
+
+The overheads are `sched` vs `detached` and `capture+sched` vs `capture`. Wall time on a
+shared machine moves with other load, so it also reads the kernel's own per-program run
+counts and run times (`kernel.bpf_stats_enabled`, restored afterwards): handler time
+divided by wall time is what the programs took, whatever else ran. Prints medians and
+spreads; writes results/sched.json.
+
+    scripts/bench sched [--repeats 7] [--cycles 30] [--cycle-ms 50] [--python PATH] [--modes a,b]
 """
 
 from __future__ import annotations
@@ -14,156 +26,214 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracer.correlate.sched import SchedMonitor  # noqa: E402
+from tracer.correlate.sched import SchedMonitor, program_misses, read_health  # noqa: E402
+from tracer.discover.process import is_alive  # noqa: E402
+from tracer.session import ExactCapture, TraceOptions  # noqa: E402
+from tracer.spec import load_spec  # noqa: E402
 
-WORKLOAD = r"""
-import hashlib, sys, threading, time
-iters = int(sys.argv[1])
-buf = b"x" * (64 << 10)
-
-def work():
-    for _ in range(iters):
-        for _ in range(4):
-            hashlib.sha256(buf).digest()
-        time.sleep(0.0002)
-
-print("ready", flush=True)
-sys.stdin.readline()
-t = time.perf_counter()
-th = threading.Thread(target=work)
-th.start()
-work()
-th.join()
-print(time.perf_counter() - t, flush=True)
-sys.stdin.readline()
-"""
+MODES = ("detached", "sched", "capture", "capture+sched")
+STATS_KNOB = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
-def prog_stats(mon: SchedMonitor) -> dict:
-    """run_cnt / run_time_ns of every loaded program, from its fd's fdinfo (bpf_stats)."""
+def prog_stats(bpf) -> dict:
+    """{program: (run_cnt, run_time_ns)} from each program fd's fdinfo (needs bpf_stats)."""
     out = {}
-    for name, fn in mon.bpf.funcs.items():
+    for name, fn in bpf.funcs.items():
         info = {}
         for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
             k, _, v = line.partition(":")
             info[k.strip()] = v.strip()
-        out[name.decode() if isinstance(name, bytes) else name] = (
-            int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+        n = name.decode() if isinstance(name, bytes) else name
+        out[n] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
     return out
 
 
-def run_once(iters: int, attached: bool) -> dict:
-    p = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(iters)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    mon = None
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        if attached:
-            mon = SchedMonitor(p.pid)
-        p.stdin.write("\n")
-        p.stdin.flush()
-        wall = float(p.stdout.readline())
-        switches, progs = 0, {}
-        if mon is not None:
-            mon.poll(0)
-            switches = sum(t.voluntary + t.involuntary for t in mon.threads().values())
-            progs = prog_stats(mon)
-        p.stdin.write("\n")
-        p.stdin.flush()
-        _, _, ru = os.wait4(p.pid, 0)
-        return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "switches": switches,
-                "progs": progs}
-    finally:
-        if mon is not None:
-            mon.close()
-        if p.returncode is None and p.poll() is None:
-            p.kill()
-            p.wait()
+def start_substrate(python: str, cycles: int, cycle_ms: int, out: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KIMERA_TELEMETRY_EMITTER_PATH", None)  # the no-op emitter: measure the tracer only
+    p = subprocess.Popen([python, "-m", "tracer.reference", "--cycles", str(cycles), "--cycle-ms", str(cycle_ms),
+                          "--wait-for-attach", "--out", out], env=env, stdout=subprocess.PIPE, text=True)
+    first = json.loads(p.stdout.readline())
+    assert first["pid"] == p.pid, first
+    # The substrate's SIGUSR1 mask covers its main thread only: a signal sent before that
+    # thread sits in sigwait can land on another thread (numpy's) and be lost.
+    deadline = time.monotonic() + 10
+    while "sigtimedwait" not in Path(f"/proc/{p.pid}/wchan").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return p
 
 
-def calibrate(seconds: float) -> int:
-    probe = 200
-    wall = run_once(probe, attached=False)["wall_s"]
-    return max(50, int(probe * seconds / wall))
+def wait_exit(p: subprocess.Popen, poll) -> float:
+    """Wait for the substrate (calling `poll(timeout_ms)` meanwhile), reap it; its CPU seconds."""
+    while is_alive(p.pid):  # not p.poll(): that would reap it before wait4 reads its rusage
+        poll(100)
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_once(mode: str, python: str, cycles: int, cycle_ms: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-sched-") as d:
+        out = str(Path(d) / "cycles.jsonl")
+        p = start_substrate(python, cycles, cycle_ms, out)
+        progs, counters, cpu = {}, {}, float("nan")
+        try:
+            if mode == "detached":
+                os.kill(p.pid, signal.SIGUSR1)
+                cpu = wait_exit(p, lambda ms: time.sleep(ms / 1000))
+            elif mode == "sched":
+                with SchedMonitor(p.pid) as mon:
+                    os.kill(p.pid, signal.SIGUSR1)
+                    cpu = wait_exit(p, mon.poll)
+                    progs = prog_stats(mon.bpf)
+                    counters = {**read_health(mon.bpf), **program_misses(mon.bpf)}
+            else:
+                cap = ExactCapture(p.pid, load_spec("reference"), TraceOptions(with_sched=mode == "capture+sched"))
+                try:
+                    os.kill(p.pid, signal.SIGUSR1)
+                    cpu = wait_exit(p, cap.poll)
+                    cap.drain()
+                    progs = prog_stats(cap.engine.bpf)
+                    counters = cap.counters()
+                finally:
+                    cap.close()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        lines = [json.loads(x) for x in Path(out).read_text().splitlines() if x.strip()]
+    rows = [x for x in lines if "cycle_index" in x]
+    if len(rows) != cycles or not all(r["ok"] for r in rows):
+        raise SystemExit(f"bench sched: the substrate did not complete its {cycles} cycles in mode {mode}")
+    return {"wall_s": sum(r["cycle_seconds"] for r in rows), "cpu_s": cpu, "progs": progs, "counters": counters}
+
+
+def spread(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "q1": q[0], "q3": q[2]}
+
+
+def default_python() -> str:
+    for label in ("debian-3.11.2", "pyenv-3.12.1"):
+        cand = ROOT / ".cache" / "targets" / label / "bin" / "python"
+        if cand.exists():
+            return str(cand)
+    return sys.executable
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--seconds", type=float, default=2.0, help="target wall time of one workload run")
+    ap.add_argument("--cycles", type=int, default=30)
+    ap.add_argument("--cycle-ms", type=int, default=50)
+    ap.add_argument("--python", default=default_python(), help="interpreter that runs the substrate")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     args = ap.parse_args()
-    # Per-program run counts and times: the kernel's own measure of what the handlers cost,
-    # independent of the machine's load. A global sysctl: restored afterwards.
-    stats_knob = Path("/proc/sys/kernel/bpf_stats_enabled")
-    old_knob = stats_knob.read_text().strip()
-    stats_knob.write_text("1")
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if len(modes) < 2:
+        ap.error(f"--modes: give at least two of {', '.join(MODES)}")
+    old_knob = STATS_KNOB.read_text().strip()
+    STATS_KNOB.write_text("1")
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
+    runs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
+    counters: dict[str, dict[str, int]] = {m: {} for m in modes}
     try:
-        iters = calibrate(args.seconds)
-        detached, attached, cpu_d, cpu_a, switches = [], [], [], [], []
-        cnt: dict = {}
         for i in range(args.repeats):
-            order = (False, True) if i % 2 == 0 else (True, False)
-            for att in order:
-                r = run_once(iters, att)
-                (attached if att else detached).append(r["wall_s"])
-                (cpu_a if att else cpu_d).append(r["cpu_s"])
-                if att:
-                    switches.append(r["switches"] / r["wall_s"])
-                    for name, (n, ns) in r["progs"].items():
-                        c = cnt.setdefault(name, [0, 0])
-                        c[0] += n
-                        c[1] += ns
+            order = modes[i % len(modes):] + modes[:i % len(modes)]
+            for mode in order:
+                r = run_once(mode, args.python, args.cycles, args.cycle_ms)
+                walls[mode].append(r["wall_s"])
+                cpus[mode].append(r["cpu_s"])
+                for name, (n, ns) in r["progs"].items():
+                    acc = runs[mode].setdefault(name, [0, 0])
+                    acc[0] += n
+                    acc[1] += ns
+                for k, v in r["counters"].items():
+                    counters[mode][k] = counters[mode].get(k, 0) + v
+            print(f"  repeat {i + 1}/{args.repeats}: " + ", ".join(f"{m} {walls[m][-1]:.3f} s" for m in modes),
+                  flush=True)
     finally:
-        stats_knob.write_text(old_knob)
-    md, ma = statistics.median(detached), statistics.median(attached)
-    pairs = [(a - d) / d * 100 for a, d in zip(attached, detached)]
-    handler_ns = sum(ns for _, ns in cnt.values())
-    per_event = {k: (ns / n if n else 0.0) for k, (n, ns) in cnt.items()}
-    # Handler time spread over the attached runs' wall time on all CPUs: an upper bound on
-    # what the programs could take from the workload, whichever process the event hit.
-    handler_pct = handler_ns / 1e9 / sum(attached) * 100
+        STATS_KNOB.write_text(old_knob)
+
+    def overhead(base: str, with_: str, xs: dict[str, list[float]] = walls) -> dict | None:
+        if base not in xs or with_ not in xs:
+            return None
+        pairs = [(a - b) / b * 100 for a, b in zip(xs[with_], xs[base])]
+        mb, mw = statistics.median(xs[base]), statistics.median(xs[with_])
+        return {"of_medians_pct": (mw - mb) / mb * 100, "pairs_pct": spread(pairs)}
+
+    def handlers(mode: str, prefix: tuple[str, ...]) -> dict | None:
+        if mode not in runs:
+            return None
+        sel = {k: v for k, v in runs[mode].items() if k.startswith(prefix)}
+        total_ns = sum(ns for _, ns in sel.values())
+        return {"ns_per_run": {k: (ns / n if n else 0.0) for k, (n, ns) in sel.items()},
+                "runs": {k: n for k, (n, _) in sel.items()},
+                "pct_of_wall": total_ns / 1e9 / sum(walls[mode]) * 100}
+
+    sched_progs = ("raw_tracepoint__", "tracepoint__")
     result = {
         "benchmark": "sched",
-        "workload": f"2 threads x {iters} x (4 x sha256 64 KiB + sleep 200 us)",
+        "workload": f"tracer.reference, {args.cycles} cycles x cycle_ms {args.cycle_ms} (main + takwin-vault worker), "
+                    f"{Path(args.python).parent.parent.name}",
         "repeats": args.repeats,
-        "detached_wall_s": detached,
-        "attached_wall_s": attached,
-        "median_detached_s": md,
-        "median_attached_s": ma,
-        "overhead_pct_of_medians": (ma - md) / md * 100,
-        "overhead_pct_median_of_pairs": statistics.median(pairs),
-        "target_switches_per_s": statistics.median(switches) if switches else 0,
-        "median_cpu_detached_s": statistics.median(cpu_d),
-        "median_cpu_attached_s": statistics.median(cpu_a),
-        "cpu_overhead_pct_of_medians": (statistics.median(cpu_a) - statistics.median(cpu_d))
-        / statistics.median(cpu_d) * 100,
-        "handler_runs": {k: v[0] for k, v in cnt.items()},
-        "handler_ns_per_run": per_event,
-        "handler_time_pct_of_wall": handler_pct,
+        "modes": list(modes),
+        "wall_s": {m: spread(walls[m]) for m in modes},
+        "wall_s_all": walls,
+        "cpu_s": {m: spread(cpus[m]) for m in modes},
+        "sched_vs_detached": overhead("detached", "sched"),
+        "capture_sched_vs_capture": overhead("capture", "capture+sched"),
+        # The target's own CPU time: handlers running in its threads are charged to it, and
+        # other load moves it less than wall time.
+        "cpu_sched_vs_detached": overhead("detached", "sched", cpus),
+        "cpu_capture_sched_vs_capture": overhead("capture", "capture+sched", cpus),
+        "sched_handlers": handlers("sched", sched_progs),
+        "sched_handlers_in_capture": handlers("capture+sched", sched_progs),
+        "capture_handlers": handlers("capture", ("on_",)),
+        "capture_handlers_with_sched": handlers("capture+sched", ("on_",)),
+        "counters": counters,
         "target_pct": 1.0,
     }
     out = ROOT / "results" / "sched.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"sched: workload {result['workload']}, {args.repeats} interleaved repeats")
-    print(f"  detached median {md:.4f} s, attached median {ma:.4f} s, "
-          f"target switches/s {result['target_switches_per_s']:.0f}")
-    print(f"  wall overhead {result['overhead_pct_of_medians']:+.2f}% (medians), "
-          f"{result['overhead_pct_median_of_pairs']:+.2f}% (median of pairs); target <= 1%")
-    print(f"  target CPU time overhead {result['cpu_overhead_pct_of_medians']:+.2f}% (medians)")
-    for k, v in per_event.items():
-        print(f"  {k}: {cnt[k][0]} runs, {v:.0f} ns/run")
-    print(f"  handler time = {handler_pct:.3f}% of attached wall time (all events, all processes)")
-    print(f"  written {out.relative_to(ROOT)}  ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+
+    def line(name: str, o: dict | None) -> str:
+        if o is None:
+            return f"  {name}: not run"
+        p = o["pairs_pct"]
+        return (f"  {name}: {o['of_medians_pct']:+.2f}% (medians); paired median {p['median']:+.2f}%, "
+                f"IQR {p['q1']:+.2f}..{p['q3']:+.2f}%, range {p['min']:+.2f}..{p['max']:+.2f}%")
+
+    print(f"sched: {result['workload']}, {args.repeats} repeats, modes rotated")
+    for m in modes:
+        w = result["wall_s"][m]
+        print(f"  {m:14} wall median {w['median']:.3f} s (range {w['min']:.3f}..{w['max']:.3f})")
+    print(line("wall, sched programs vs detached", result["sched_vs_detached"]))
+    print(line("wall, capture+sched vs capture  ", result["capture_sched_vs_capture"]))
+    print(line("target CPU, sched vs detached   ", result["cpu_sched_vs_detached"]))
+    print(line("target CPU, capture+sched vs capture", result["cpu_capture_sched_vs_capture"]))
+    for key in ("sched_handlers", "capture_handlers", "capture_handlers_with_sched"):
+        h = result[key]
+        if h is None:
+            continue
+        per = ", ".join(f"{k.split('__')[-1]} {v:.0f} ns" for k, v in h["ns_per_run"].items())
+        print(f"  {key} (bpf_stats, its own clock reads included): {h['pct_of_wall']:.3f}% of wall; "
+              f"per run: {per}")
+    print(f"  target <= {result['target_pct']}% wall; written {out.relative_to(ROOT)} "
+          f"({time.strftime('%Y-%m-%d %H:%M:%S')})")
 
 
 if __name__ == "__main__":

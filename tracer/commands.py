@@ -39,6 +39,9 @@ def _print_result(res, as_json: bool) -> None:
             click.echo(f"{label}: " + ", ".join(f"{k} x{v}" for k, v in d.items()))
     if lo.unreadable_attributes:
         click.echo(f"attribute values not readable: {lo.unreadable_attributes}")
+    sched = {k[len("sched_"):]: v for k, v in c.items() if k.startswith("sched_")}
+    if sched:
+        click.echo("scheduler programs: " + ", ".join(f"{k} {v:,}" for k, v in sched.items()))
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for name, info in res.exporters.items():
@@ -71,11 +74,13 @@ def _enricher_line(name: str, summary: dict) -> str:
               help="Add scheduler and memory attributes to each span.")
 @click.option("--gpu/--no-gpu", default=True, show_default=True,
               help="Add NVML GPU utilisation and memory to each span; without a GPU one line says why.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="With --sched: write the per-cycle resource profile (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_endpoint, duration, sched, gpu,
-              as_json, no_status, command):
+              profile_path, as_json, no_status, command):
     """Attach to Python processes and turn the spec's functions into spans.
 
     \b
@@ -85,6 +90,7 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
       sudo ophamin-trace --pid 4242 --module app.jobs -o spans.jsonl
       sudo ophamin-trace --match 'gunicorn.*app:' --follow -f app.views:index --otlp-endpoint http://127.0.0.1:4318
       sudo ophamin-trace --spec reference -o spans.jsonl -- python -m tracer.reference --cycles 10
+      sudo ophamin-trace --pid 4242 --sched --profile profile.json -o spans.jsonl
     Stops on Ctrl-C, SIGTERM, --duration, or when the targets exit (with --follow: only on
     the first three); always detaches, flushes, and prints a per-span table per process
     (count, median, p10, p90, max).
@@ -100,6 +106,8 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
         raise click.UsageError("give --pid PID, --match REGEX or -- COMMAND ...")
     if follow and match is None:
         raise click.UsageError("--follow needs --match REGEX")
+    if profile_path and not sched:
+        raise click.UsageError("--profile needs --sched (the profile is measured by the scheduler programs)")
     request = SpecRequest(spec_name, tuple(functions), tuple(modules))
     request.base()  # a bad spec or -f is reported before a command is launched
     pids = list(pid)
@@ -117,6 +125,10 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
         if launched is not None and launched.stopped:
             launched.kill()  # never leave a held child behind
         raise
+    if profile_path:
+        from .correlate.profile import write_profile  # noqa: PLC0415
+
+        write_profile(fleet.spans, profile_path)
     if not many:
         _print_result(dataclasses.replace(fleet.targets[0], exporters=fleet.exporters), as_json)
         if launched is not None and launched.popen.poll() is not None and not as_json:
@@ -185,17 +197,21 @@ def probes_cmd(pid, as_json):
 @click.option("--max-p99-us", default=50.0, show_default=True, help="Timing threshold after the offset fit.")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
               help="Run the substrate's GPU step (where a GPU and CuPy or PyTorch exist) and add GPU data to spans.")
+@click.option("--sched/--no-sched", default=False, show_default=True,
+              help="Add scheduler and memory attributes; write the per-cycle profile.json.")
 @click.option("--json", "as_json", is_flag=True)
-def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, as_json):
+def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, sched, as_json):
     """Run the reference substrate with its in-process emitter, trace it, and check parity.
 
     \b
     Examples:
       sudo ophamin-trace validate --cycles 30
       sudo ophamin-trace validate --python /usr/bin/python3.11 --json
+      sudo ophamin-trace validate --sched --cycles 10 --cycle-ms 200
     Exit 0 when the eBPF spans match the emitter's within thresholds, 1 otherwise.
     """
-    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us, gpu=gpu)
+    res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us, with_sched=sched,
+                       gpu=gpu)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -205,6 +221,8 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, as_json):
             for k, v in res["per_step_timing"].items()))
         for name, summary in res["trace"]["enrichers"].items():
             click.echo(_enricher_line(name, summary))
+        if "profile" in res:
+            click.echo(f"per-cycle profile: {res['profile']}")
         click.echo(f"\nverdict: {'PASS' if res['passed'] else 'FAIL'}  (files in {out_dir})")
     sys.exit(0 if res["passed"] else 1)
 
@@ -237,6 +255,12 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
     proc.wait()  # the emitter flushes its file at exit
     report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
     steps = step_timing_ms(res.stats)
-    return {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
-            "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
-            "hooks": str(hooks), "ebpf": str(ebpf), "python": python}
+    out_d = {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
+             "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
+             "hooks": str(hooks), "ebpf": str(ebpf), "python": python}
+    if with_sched:
+        from .correlate.profile import write_profile  # noqa: PLC0415
+
+        write_profile(res.spans, str(out / "profile.json"))
+        out_d["profile"] = str(out / "profile.json")
+    return out_d

@@ -200,13 +200,24 @@ def check_ringbuf(load: Check) -> Check:
 
 
 def check_btf(conf: dict[str, str]) -> Check:
+    from .correlate.btf import task_offsets  # noqa: PLC0415
+    from .errors import TraceError  # noqa: PLC0415
+
     present = Path("/sys/kernel/btf/vmlinux").exists()
     data = {"btf_vmlinux": present, "CONFIG_DEBUG_INFO_BTF": conf.get("CONFIG_DEBUG_INFO_BTF")}
-    if present:
-        return Check("kernel: BTF", PASS, "/sys/kernel/btf/vmlinux present", data=data)
-    # bcc builds uprobe/tracepoint programs from headers; BTF only helps, it is not required.
-    return Check("kernel: BTF", WARN, "/sys/kernel/btf/vmlinux absent (not required for uprobes)",
-                 "use a kernel with CONFIG_DEBUG_INFO_BTF=y", data=data)
+    # Function spans need no BTF; the scheduler programs (--sched) read task_struct fields
+    # at the offsets the running kernel's BTF gives.
+    if not present:
+        return Check("kernel: BTF", WARN, "/sys/kernel/btf/vmlinux absent: spans work, --sched is unavailable "
+                     "(its task_struct offsets come from BTF)", "use a kernel with CONFIG_DEBUG_INFO_BTF=y",
+                     data=data)
+    try:
+        offs = task_offsets()
+    except TraceError as e:
+        return Check("kernel: BTF", WARN, f"BTF present but unusable for --sched: {e}", "", data=data)
+    data["task_struct"] = offs.to_dict()
+    return Check("kernel: BTF", PASS, f"/sys/kernel/btf/vmlinux: task_struct pid +{offs.pid}, tgid +{offs.tgid}, "
+                 f"se.sum_exec_runtime +{offs.sum_exec_runtime} (for --sched)", data=data)
 
 
 def check_kprobes(conf: dict[str, str]) -> Check:

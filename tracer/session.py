@@ -24,8 +24,8 @@ from .assemble.spans import Assembler, Clock, Losses, resource_for
 from .assemble.values import TypeAddrs
 from .capture.engine import CaptureEngine
 from .correlate.gpu import GpuEnricher
+from .correlate.sched_spans import SchedSpans
 from .discover.elf import open_image
-from .errors import TraceError
 from .otlpjson import Span
 from .report.stats import SpanStats
 from .spec import Spec
@@ -100,32 +100,40 @@ class ExactCapture:
 
     def __init__(self, pid: int, spec: Spec, opts: TraceOptions) -> None:
         self.pid = pid
-        if opts.with_sched:
-            # bpf/sched.c and tracer/correlate/ exist and are tested standalone; snapshotting
-            # them from the capture handlers is not wired yet. Say so rather than half-work.
-            raise TraceError("scheduler correlation per span is unavailable: not yet wired into capture "
-                             "(see docs/correlation.md)")
         self.engine = CaptureEngine(pid, spec, with_sched=opts.with_sched)
         try:
             interp = self.engine.info.interp
             self.interpreter = interp.to_dict()
             self.resource = resource_for(spec, interp, pid)
             self.warnings = list(self.engine.info.warnings)
+            # --sched: entry/exit snapshots of the span's thread -> ophamin.* attributes.
+            self.sched = SchedSpans(self.engine.bpf) if opts.with_sched else None
             self.assembler = Assembler(spec, pid, self.engine.info.layout,
                                        TypeAddrs.of(open_image(interp.host_path), interp.bias), Clock(),
+                                       sched_attrs=self.sched.attributes if self.sched else None,
                                        resource=self.resource)
         except BaseException:
             self.engine.close()
             raise
 
     def poll(self, timeout_ms: int) -> list[Span]:
-        return self.assembler.feed(self.engine.poll(timeout_ms))
+        events = self.engine.poll(timeout_ms)
+        if self.sched is None:
+            return self.assembler.feed(events)
+        # One more pass reads the event ring before the RSS ring: every RSS sample taken
+        # before the last exit event is in when that span is assembled.
+        spans = self.assembler.feed(events + self.engine.drain())
+        self.sched.prune(self.assembler.open.values())
+        return spans
 
     def drain(self) -> list[Span]:
         return self.assembler.feed(self.engine.drain())
 
     def counters(self) -> dict[str, int]:
-        return self.engine.counters()
+        c = self.engine.counters()
+        if self.sched is not None:
+            c.update(self.sched.counters())
+        return c
 
     def losses(self) -> Losses:
         return self.assembler.losses()

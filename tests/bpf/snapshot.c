@@ -1,13 +1,10 @@
 /*
  * Test-only: span-like windows without the capture engine. Appended to bpf/sched.c.
- * The target calls getppid() right before and right after a phase; a uprobe on libc's
- * getppid (attached for the target's pid) snapshots the calling thread exactly as the
- * capture program does at a span's entry and exit.
+ * The target calls getppid() right before and right after a phase; a uprobe on its libc's
+ * getppid (attached for the target's pid) snapshots the calling thread with sched_read(),
+ * exactly as the capture program does at a span's entry and exit.
  */
 struct snap_event {
-    u64 ts;
-    u64 proc_on_cpu_ns;
-    u64 rss_bytes;
     u32 tid;
     u32 pad;
     struct sched_acct acct;
@@ -24,12 +21,9 @@ int snap_marker(struct pt_regs *ctx)
     struct snap_event *e = snap_events.ringbuf_reserve(sizeof(struct snap_event));
     if (!e)
         return 0;
-    e->ts = now;
     e->tid = (u32)id;
     e->pad = 0;
     sched_read((u32)id, now, &e->acct);
-    e->proc_on_cpu_ns = sched_proc_read(now);
-    e->rss_bytes = rss_read();
     snap_events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -107,7 +107,7 @@ class Assembler:
         self.layout = layout
         self.types = types
         self.clock = clock or Clock()
-        self.sched_attrs = sched_attrs  # (entry snapshot, exit snapshot, rss0, rss1) -> attrs
+        self.sched_attrs = sched_attrs  # (open span, exit event) -> attrs, from their snapshots
         self.resource = resource if resource is not None else {}  # shared by every span, not copied
         self.open: dict[int, _Open] = {}  # frame address -> open span
         self.cut_at_attach: Counter[str] = Counter()

@@ -97,7 +97,9 @@ def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched:
     if version[:2] == (3, 11):
         flags.append("-DENTRY_FRAMES_END_AT_RETURN")
     if with_sched:
-        flags += ["-DWITH_SCHED", f"-DSCHED_NR_CPUS={os.cpu_count() or 1}"]
+        from ..correlate.sched import sched_cflags  # noqa: PLC0415
+
+        flags += ["-DWITH_SCHED", *sched_cflags(pid, with_target=False)]
     if verify_frame_register:
         flags.append("-DVERIFY_FRAME_REG")
     return flags
@@ -147,6 +149,10 @@ class CaptureEngine:
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
         self._fill_maps(rules)
+        if with_sched:
+            from ..correlate.sched import seed_rss  # noqa: PLC0415
+
+            seed_rss(self.bpf, pid)  # before the probes: the first snapshots read it
         t0 = time.monotonic()
         self._attach(plan, interp)
         self.info.attach_s = time.monotonic() - t0

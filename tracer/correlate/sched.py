@@ -2,7 +2,7 @@
 
 The BPF side keeps per-thread counters closed in the kernel; a snapshot is one thread's
 counters at one instant, taken by a probe running on that thread (`sched_read`), together
-with the process-wide on-CPU total (`sched_proc_read`) and the resident set (`rss_read`).
+with the process-wide on-CPU total, page-fault count and resident set at the same instant.
 Two snapshots of one thread (span entry and exit) plus the RSS samples emitted meanwhile
 give every `ophamin.sched.*` / `ophamin.mem.*` attribute of the span (`span_attributes`).
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import PrivilegeError, TargetGone, TraceError
+from .btf import task_offsets
 
 SCHED_C = Path(__file__).resolve().parents[2] / "bpf" / "sched.c"
 SCHED_MAX_CPUS = 64  # must equal the BPF side's SCHED_MAX_CPUS (its default)
@@ -45,6 +46,11 @@ A_RSS_START = "ophamin.mem.rss_start_bytes"
 A_RSS_END = "ophamin.mem.rss_end_bytes"
 A_RSS_PEAK = "ophamin.mem.rss_peak_bytes"
 A_OTHER_ON_CPU = "ophamin.process.other_threads_on_cpu_ns"
+A_PROC_PAGE_FAULTS = "ophamin.process.page_faults"
+
+# sched_health counters (SCHED_H_*): transitions the tracepoints did not report.
+HEALTH_COUNTERS = ("missed_switch_out", "missed_switch_in", "missed_switch_in_at_snapshot", "missed_wakeup",
+                   "thread_map_full")
 
 
 class SchedAcct(ctypes.Structure):
@@ -63,7 +69,12 @@ class SchedAcct(ctypes.Structure):
         ("cpu", ctypes.c_uint32),
         ("switch_ins", ctypes.c_uint32),
         ("page_faults", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("sum_exec_ns", ctypes.c_uint64),
+        ("carry_ns", ctypes.c_uint64),
+        ("proc_on_cpu_ns", ctypes.c_uint64),
+        ("proc_page_faults", ctypes.c_uint64),
+        ("rss_bytes", ctypes.c_uint64),
         ("cpu_runs", ctypes.c_uint16 * SCHED_MAX_CPUS),
     ]
 
@@ -74,7 +85,7 @@ class RssSampleC(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in ("ts", "total", "file", "anon", "shmem")]
 
 
-assert ctypes.sizeof(SchedAcct) == 200, "keep SchedAcct in step with struct sched_acct"
+assert ctypes.sizeof(SchedAcct) == 240, "keep SchedAcct in step with struct sched_acct"
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,13 @@ class ThreadSnapshot:
     switch_ins: int
     page_faults: int
     cpu_runs: Tuple[int, ...]
-    proc_on_cpu_ns: int = 0  # sched_proc_read() at the same instant
-    rss_bytes: int = 0  # rss_read() at the same instant
+    proc_on_cpu_ns: int = 0  # all the process's threads, same instant (sched_read only)
+    rss_bytes: int = 0  # the process's resident set, same instant (sched_read only)
+    proc_page_faults: int = 0  # all the process's threads, same instant (sched_read only)
+    sum_exec_ns: int = 0  # the kernel's se.sum_exec_runtime as of the thread's last switch
 
     @classmethod
-    def from_acct(cls, tid: int, acct: Any, proc_on_cpu_ns: int = 0, rss_bytes: int = 0,
-                  ts: Optional[int] = None) -> ThreadSnapshot:
+    def from_acct(cls, tid: int, acct: Any, ts: Optional[int] = None) -> ThreadSnapshot:
         """From a `struct sched_acct` as bcc or ctypes decodes it (sched_read's output)."""
         return cls(
             tid=tid, ts=int(acct.last_ts if ts is None else ts),
@@ -110,8 +122,14 @@ class ThreadSnapshot:
             migrations=int(acct.migrations), cpu_mask=int(acct.cpu_mask), cpu=int(acct.cpu),
             switch_ins=int(acct.switch_ins), page_faults=int(acct.page_faults),
             cpu_runs=tuple(int(x) for x in acct.cpu_runs),
-            proc_on_cpu_ns=int(proc_on_cpu_ns), rss_bytes=int(rss_bytes),
+            proc_on_cpu_ns=int(acct.proc_on_cpu_ns), rss_bytes=int(acct.rss_bytes),
+            proc_page_faults=int(acct.proc_page_faults), sum_exec_ns=int(acct.sum_exec_ns),
         )
+
+    @classmethod
+    def from_dict(cls, tid: int, d: Dict[str, Any]) -> ThreadSnapshot:
+        """From the capture engine's decoded `RawEvent.sched` (field name -> value)."""
+        return cls.from_acct(tid, _Fields(d))
 
     @property
     def cpus_ever(self) -> List[int]:
@@ -122,6 +140,11 @@ class ThreadSnapshot:
         d["cpu_runs"] = list(self.cpu_runs)
         d["state"] = STATE_NAMES.get(self.state, str(self.state))
         return d
+
+
+class _Fields:
+    def __init__(self, d: Dict[str, Any]) -> None:
+        self.__dict__.update(d)
 
 
 @dataclass(frozen=True)
@@ -156,6 +179,7 @@ class SpanSched:
     rss_peak_bytes: int
     other_threads_on_cpu_ns: int
     wall_ns: int
+    process_page_faults: int = 0
 
     @property
     def off_cpu_ns(self) -> int:
@@ -177,6 +201,7 @@ class SpanSched:
             A_RSS_END: self.rss_end_bytes,
             A_RSS_PEAK: self.rss_peak_bytes,
             A_OTHER_ON_CPU: self.other_threads_on_cpu_ns,
+            A_PROC_PAGE_FAULTS: self.process_page_faults,
         }
 
     def to_dict(self) -> dict:
@@ -225,6 +250,7 @@ def span_sched(entry: ThreadSnapshot, exit: ThreadSnapshot,
         rss_peak_bytes=peak,
         other_threads_on_cpu_ns=max(0, proc - on_cpu),
         wall_ns=exit.ts - entry.ts,
+        process_page_faults=max(0, exit.proc_page_faults - entry.proc_page_faults),
     )
 
 
@@ -258,16 +284,19 @@ def possible_cpus() -> int:
 
 
 def sched_cflags(pid: int, rss_granularity: int = DEFAULT_RSS_GRANULARITY,
-                 page_faults: Optional[bool] = None) -> List[str]:
-    """The -D flags bpf/sched.c needs, for the capture program's compile too."""
+                 page_faults: Optional[bool] = None, with_target: bool = True) -> List[str]:
+    """The -D flags bpf/sched.c needs, for the capture program's compile too (which passes
+    its own -DTARGET_TGID: `with_target=False`). Raises TraceError without kernel BTF."""
     if rss_granularity < 1:
         raise TraceError(f"RSS granularity must be at least 1 byte, not {rss_granularity}")
     ncpu = possible_cpus()
     if ncpu > SCHED_MAX_CPUS:
         raise TraceError(f"this machine has {ncpu} possible CPUs; the scheduler accounting "
                          f"covers at most {SCHED_MAX_CPUS}")
-    flags = [f"-DTARGET_TGID={int(pid)}", f"-DRSS_GRANULARITY={int(rss_granularity)}ULL",
-             f"-DSCHED_NR_CPUS={ncpu}"]
+    flags = [f"-DRSS_GRANULARITY={int(rss_granularity)}ULL", f"-DSCHED_NR_CPUS={ncpu}",
+             *task_offsets().cflags()]
+    if with_target:
+        flags.insert(0, f"-DTARGET_TGID={int(pid)}")
     if page_faults_available() if page_faults is None else page_faults:
         flags.append("-DSCHED_PAGE_FAULTS")
     return flags
@@ -326,11 +355,43 @@ class RssState:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def read_rss_state(bpf: Any) -> RssState:
+    """The `rss_state` map of a program that includes sched.c."""
+    st = bpf[b"rss_state"][ctypes.c_int(0)]
+    return RssState(total=st.total, file=st.member[0], anon=st.member[1], swap=st.member[2],
+                    shmem=st.member[3], events=st.events, emitted=st.emitted,
+                    dropped=st.dropped, mm_known=bool(st.mm_known))
+
+
+def read_health(bpf: Any) -> Dict[str, int]:
+    """Transitions the tracepoints did not report (SCHED_H_*), summed over CPUs."""
+    table = bpf[b"sched_health"]
+    return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(HEALTH_COUNTERS)}
+
+
+def program_misses(bpf: Any) -> Dict[str, int]:
+    """Events each scheduler/memory program was skipped for, as the kernel counts them
+    (`recursion_misses` in the program's fdinfo), by tracepoint name."""
+    out: Dict[str, int] = {}
+    for name, fn in bpf.funcs.items():
+        n = name.decode() if isinstance(name, bytes) else name
+        if not n.startswith(("raw_tracepoint__", "tracepoint__")):
+            continue
+        try:
+            info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("recursion_misses:"):
+                out[n.split("__")[-1]] = int(line.split()[1])
+    return out
+
+
 class SchedMonitor:
     """bpf/sched.c compiled standalone for one process, plus optional BPF text of the caller.
 
-    `extra_source` is appended to sched.c, so it may call sched_read(), sched_proc_read()
-    and rss_read() and declare its own maps (tests attach a uprobe this way).
+    `extra_source` is appended to sched.c, so it may call sched_read() and declare its own
+    maps (tests attach a uprobe this way).
     """
 
     def __init__(self, pid: int, *, rss_granularity: int = DEFAULT_RSS_GRANULARITY,
@@ -392,10 +453,13 @@ class SchedMonitor:
         return out
 
     def rss(self) -> RssState:
-        st = self.bpf[b"rss_state"][ctypes.c_int(0)]
-        return RssState(total=st.total, file=st.member[0], anon=st.member[1], swap=st.member[2],
-                        shmem=st.member[3], events=st.events, emitted=st.emitted,
-                        dropped=st.dropped, mm_known=bool(st.mm_known))
+        return read_rss_state(self.bpf)
+
+    def health(self) -> Dict[str, int]:
+        return read_health(self.bpf)
+
+    def misses(self) -> Dict[str, int]:
+        return program_misses(self.bpf)
 
     def close(self) -> None:
         bpf = getattr(self, "bpf", None)
