@@ -17,10 +17,10 @@ __all__ = ["BatchResourceProfile", "CycleResourceProfile", "TraceError", "TraceS
 
 if TYPE_CHECKING:
     from .api import TraceSession, attach, launch
-    from .correlate.ophamin import BatchResourceProfile, CycleResourceProfile
+    from .correlate.profile import BatchResourceProfile, CycleResourceProfile
 
 _LAZY = {"attach": ".api", "launch": ".api", "TraceSession": ".api",
-         "BatchResourceProfile": ".correlate.ophamin", "CycleResourceProfile": ".correlate.ophamin"}
+         "BatchResourceProfile": ".correlate.profile", "CycleResourceProfile": ".correlate.profile"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,8 +26,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Dict, Iterator, Optional, Sequence, Union
 
-from .correlate.ophamin import BatchResourceProfile, ophamin_profile
-from .correlate.profile import ResourceProfile, build_profile
+from .correlate.profile import BatchResourceProfile, build_profile
 from .discover.launch import launch as _launch
 from .errors import TraceError
 from .loop import FleetResult, TraceLoop
@@ -134,17 +133,14 @@ class TraceSession:
         """Ophamin's BatchResourceProfile, attribution_kind="per_cycle" (one process traced)."""
         return self.profile_for(None)
 
-    @property
-    def resource_profile(self) -> ResourceProfile:
-        """The tracer's own per-cycle profile: what `ophamin-trace profile FILE` prints."""
-        return build_profile(self._spans_of(None))
-
     def per_step_timing_for(self, pid: Optional[int]) -> Dict[str, Dict[str, float]]:
         return step_timing_ms(span_stats(self._spans_of(pid)))
 
     def profile_for(self, pid: Optional[int]) -> BatchResourceProfile:
-        spans = self._spans_of(pid)
-        return ophamin_profile(spans, sched_reason=self.sched_unavailable, resource=build_profile(spans))
+        """What `ophamin-trace profile FILE` prints for this process's spans. Without the
+        scheduler attributes every measured field is None, and each cycle's `unavailable`
+        (and `sched_unavailable` here) says why."""
+        return build_profile(self._spans_of(pid))
 
 
 def _session(pids: Sequence[int], spec: SpecLike, functions: Sequence[str], modules: Sequence[str],
