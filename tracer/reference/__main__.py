@@ -16,6 +16,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -28,17 +29,19 @@ def _line(stream: Any, obj: dict) -> None:
     stream.flush()
 
 
-def _ignore_signal(signum: int, frame: Any) -> None:
-    return None
+# Set by the SIGUSR1 handler. Python runs signal handlers in the main thread whichever thread
+# the kernel delivered the signal to (numpy's threads, started at import, can receive it), and
+# the handler is installed before the PID line goes out: a signal sent the moment a tracer reads
+# that line is never lost.
+_attached = threading.Event()
+
+
+def _on_sigusr1(signum: int, frame: Any) -> None:
+    _attached.set()
 
 
 def _wait_for_sigusr1(timeout: Optional[float]) -> bool:
-    # SIGUSR1 was blocked before the PID line went out, so a signal sent the moment a tracer
-    # read it stays pending and sigwait returns at once: no window where it is lost.
-    if timeout is None:
-        signal.sigwait({signal.SIGUSR1})
-        return True
-    return signal.sigtimedwait({signal.SIGUSR1}, timeout) is not None
+    return _attached.wait(timeout)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -66,12 +69,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"tracer.reference: error: {e}", file=sys.stderr)
         return 2
 
-    # A tracer may signal more than once, or without --wait-for-attach: a stray SIGUSR1 must not
-    # kill the run (its default action). Not SIG_IGN: an ignored signal is discarded even while
-    # blocked, and sigwait would never see it.
-    signal.signal(signal.SIGUSR1, _ignore_signal)
-    if args.wait_for_attach:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    # Also without --wait-for-attach, and for a tracer that signals more than once: a stray
+    # SIGUSR1 must not kill the run (its default action).
+    signal.signal(signal.SIGUSR1, _on_sigusr1)
     takwin = None
     head = {"pid": os.getpid(), "python": platform.python_version(),
             "numpy": HAVE_NUMPY, "emitter": getattr(emitter, "kind", "custom")}
@@ -85,13 +85,11 @@ def main(argv: Optional[list] = None) -> int:
                        "backend": takwin.gpu.backend if takwin.gpu else "",
                        "device": takwin.gpu.device if takwin.gpu else ""}
     _line(sys.stdout, head)
-    if args.wait_for_attach:
-        if not _wait_for_sigusr1(args.attach_timeout):
-            print(f"tracer.reference: error: no SIGUSR1 within {args.attach_timeout:g}s", file=sys.stderr)
-            if takwin is not None:
-                takwin.close()
-            return 3
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    if args.wait_for_attach and not _wait_for_sigusr1(args.attach_timeout):
+        print(f"tracer.reference: error: no SIGUSR1 within {args.attach_timeout:g}s", file=sys.stderr)
+        if takwin is not None:
+            takwin.close()
+        return 3
 
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     if takwin is None:
