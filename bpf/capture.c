@@ -9,6 +9,7 @@
  *   on_exit    - a frame ends (3.9/3.10: the eval loop's exit call, retval in rdx; 3.11+:
  *                the frame-clear function, frame in rdi)
  *   on_tstate  - 3.11+: eval-loop entry hands us the thread state (rdi), learnt per TID
+ *   sched_process_exec - the target exec'd: every later hit is ignored (counted: execs)
  * Filtering is one LRU-hash lookup on the code object's address; a code object not yet
  * seen is classified once by hashing its (qual)name and comparing a path suffix of its
  * file name against the spec's targets, so functions defined after attach are found too.
@@ -29,7 +30,9 @@
 
 enum counter {
     C_ENTRY_HITS, C_EXIT_HITS, C_TARGET_ENTRIES, C_TARGET_EXITS, C_DROPPED, C_NO_TSTATE,
-    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_COUNTERS
+    C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED,
+    C_DROPPED_ENTRIES, C_DROPPED_EXITS, /* C_DROPPED split by kind: entries seen + dropped = entries made */
+    C_EXECS, C_COUNTERS
 };
 
 struct code_info {
@@ -88,6 +91,7 @@ BPF_HASH(stacks, u32, struct tstack, 16384);
 BPF_ARRAY(zero_stack, struct tstack, 1);
 #endif
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_ARRAY(exec_at, u64, 1); /* when the target exec'd: its old image and frames are gone */
 
 static __always_inline void count(int c) {
     u64 *v = counters.lookup(&c);
@@ -194,7 +198,10 @@ static __always_inline struct event *new_event(u32 tid, u16 kind, u32 target_id,
 }
 
 static __always_inline void submit(struct event *e) {
-    if (events.ringbuf_output(e, sizeof(*e), 0) != 0) count(C_DROPPED);
+    if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
+        count(C_DROPPED);
+        count(e->kind == EV_ENTRY ? C_DROPPED_ENTRIES : C_DROPPED_EXITS);
+    }
 }
 
 static __always_inline void capture_args(struct event *e, u64 frame, u32 target_id) {
@@ -237,10 +244,26 @@ static __always_inline void fill_exception(struct event *e, u64 tstate) {
     }
 }
 
+/* The probes stay armed across an exec (the perf events belong to the task), and a new
+ * CPython image would feed them frames of another program: after an exec, nothing. A raw
+ * tracepoint: it needs no tracefs format file (unreadable without root), and the task
+ * running it is the one that exec'd. */
+RAW_TRACEPOINT_PROBE(sched_process_exec) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID) return 0;
+    u32 z = 0;
+    u64 ts = bpf_ktime_get_ns();
+    exec_at.update(&z, &ts);
+    count(C_EXECS);
+    return 0;
+}
+
 static __always_inline int target_pid(u32 *tid) {
     u64 id = bpf_get_current_pid_tgid();
     *tid = (u32)id;
-    return (id >> 32) == TARGET_TGID;
+    if ((id >> 32) != TARGET_TGID) return 0;
+    u32 z = 0;
+    u64 *execd = exec_at.lookup(&z);
+    return !(execd && *execd);
 }
 
 static __always_inline int emit_entry(u32 tid, u64 frame, u64 code, u32 target_id) {

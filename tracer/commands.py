@@ -24,8 +24,11 @@ def _print_result(res, as_json: bool) -> None:
     click.echo(format_table(res.stats) if res.stats else "no spans completed")
     lo = res.losses
     c = res.counters
+    drops = f"{c['dropped']:,}"
+    if c.get("dropped"):
+        drops += f" ({c.get('dropped_entries', 0):,} entries, {c.get('dropped_exits', 0):,} exits)"
     click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
-               f"ring-buffer drops: {c['dropped']:,}; stopped by: {res.stopped_by}")
+               f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
     for label, d in (("cut at attach (entered before the tracer)", lo.cut_at_attach),
                      ("cut at detach (still open)", lo.cut_at_detach),
                      ("events with no open span", lo.orphan_events)):
@@ -42,12 +45,21 @@ def _print_result(res, as_json: bool) -> None:
         click.echo(f"{name}: {summary.get('status', '?')}{reason}")
 
 
+def _say_attached(capture) -> None:
+    # One line on stderr once every probe is in and every thread is known: from here on,
+    # nothing the target does is missed (scripts and tests wait for it).
+    i = capture.interpreter
+    click.echo(f"ophamin-trace: attached to PID {capture.pid} (CPython {i['version']}); "
+               "stop with Ctrl-C or SIGTERM", err=True)
+
+
 @click.command("trace", context_settings={"ignore_unknown_options": False})
 @click.option("--pid", type=int, help="PID of a running Python process to attach to.")
 @click.option("--spec", "spec_name", default="reference", show_default=True,
               help="Built-in spec (reference, kimera) or a TOML spec file.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write spans as OTLP-JSON lines.")
-@click.option("--otlp-endpoint", help="Send spans by OTLP/HTTP (JSON) to this collector URL.")
+@click.option("--output", "-o", type=click.Path(), help="Write spans as OTLP-JSON lines (a new or regular file).")
+@click.option("--otlp-endpoint", help="Send spans by OTLP/HTTP (JSON) to this collector URL. While it is "
+              "unreachable, up to 50,000 spans wait; older ones are dropped and counted.")
 @click.option("--duration", type=float, help="Stop after this many seconds.")
 @click.option("--sched/--no-sched", default=False, show_default=True,
               help="Add scheduler and memory attributes to each span.")
@@ -72,8 +84,10 @@ def trace_cmd(pid, spec_name, output, otlp_endpoint, duration, sched, as_json, n
     spec = load_spec(spec_name)
     if command:
         pid = launch(list(command))
+    # keep_spans=False: spans stream to the exporters and the table is kept in fixed memory,
+    # so a trace can run for days (tracer/report/running_stats.py).
     res = run_trace(pid, spec, output=output, otlp_endpoint=otlp_endpoint, duration=duration,
-                    status=not no_status, with_sched=sched)
+                    status=not no_status, with_sched=sched, keep_spans=False, on_attached=_say_attached)
     _print_result(res, as_json)
 
 

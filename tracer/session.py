@@ -21,16 +21,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .access import require_tracing_access
 from .assemble.spans import Assembler, Clock, Losses, resource_for
 from .assemble.values import TypeAddrs
 from .capture.engine import CaptureEngine
 from .discover.elf import open_image
-from .discover.process import is_alive
+from .discover.process import find_interpreter
 from .errors import TraceError
 from .export.otlp import OtlpHttp, OtlpJsonFile
 from .otlpjson import Span
+from .report.running_stats import RunningStats
 from .report.stats import SpanStats, span_stats
 from .spec import Spec
+from .watch import TargetWatch, unseen_targets
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class TraceOptions:
     mode: str = "exact"  # a key of CAPTURES
     with_sched: bool = False  # scheduler and memory attributes per span
     enrichers: tuple[str, ...] = ()  # keys of ENRICHERS, in order
-    keep_spans: bool = True  # keep every span in the result (the API and tests read them)
+    keep_spans: bool = True  # keep every span in the result (the API and tests read them); False: fixed memory
 
     def to_dict(self) -> dict:
         return {"output": self.output, "otlp_endpoint": self.otlp_endpoint, "duration": self.duration,
@@ -66,7 +69,8 @@ class TraceResult:
     mode: str = "exact"
 
     def to_dict(self) -> dict:
-        return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode, "spans": len(self.spans),
+        return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode,
+                "spans": sum(s.count for s in self.stats) + sum(self.losses.cut_at_detach.values()),
                 "stats": [s.to_dict() for s in self.stats], "losses": self.losses.to_dict(),
                 "counters": dict(self.counters), "stopped_by": self.stopped_by,
                 "duration_s": self.duration_s, "attach_s": self.attach_s,
@@ -91,6 +95,8 @@ class Capture(Protocol):
     def counters(self) -> dict[str, int]: ...  # must include entry_hits, exit_hits, dropped
 
     def losses(self) -> Losses: ...
+
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]: ...  # still open at the end, closed as cut
 
     def close(self) -> None: ...
 
@@ -128,6 +134,9 @@ class ExactCapture:
 
     def losses(self) -> Losses:
         return self.assembler.losses()
+
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
+        return self.assembler.cut_spans(alive_mono_ns, reason)
 
     def close(self) -> None:
         self.engine.close()
@@ -210,24 +219,33 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
     unknown = [n for n in opts.enrichers if n not in ENRICHERS]
     if unknown:
         raise TraceError(f"unknown enricher {unknown[0]!r} (known: {', '.join(sorted(ENRICHERS)) or 'none'})")
+    require_tracing_access(pid)  # before anything is written or loaded
+    find_interpreter(pid)  # a bad target (gone, zombie, not CPython) is refused before an output file exists
     t_start = time.monotonic()
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     capture: Capture | None = None
     enrichers: list[Enricher] = []
     exporters: list = []
+    watch: TargetWatch | None = None
     try:
-        capture = CAPTURES[opts.mode](pid, spec, opts)
+        # Outputs first: a path that cannot be written fails before the target is touched.
         if opts.output:
-            exporters.append(OtlpJsonFile(opts.output, capture.resource))
+            exporters.append(OtlpJsonFile(opts.output, {}))
         if opts.otlp_endpoint:
-            exporters.append(OtlpHttp(opts.otlp_endpoint, capture.resource))
+            exporters.append(OtlpHttp(opts.otlp_endpoint, {}))
+        watch = TargetWatch(pid)
+        capture = CAPTURES[opts.mode](pid, spec, opts)
+        for ex in exporters:
+            ex.resource = capture.resource
         enrichers = [ENRICHERS[n](pid, opts) for n in opts.enrichers]
         held = _HeldSpans(enrichers)
         attach_s = time.monotonic() - t_start
         if on_attached is not None:
             on_attached(capture)
         spans: list[Span] = []
+        running = RunningStats()  # fixed memory, for runs that keep no spans
+        seen: set[str] = set()
         n_spans = 0
 
         def deliver(done: list[Span]) -> None:
@@ -235,26 +253,34 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
             n_spans += len(done)
             for ex in exporters:
                 ex.export(done)
+            for s in done:
+                seen.add(s.name)
+                seen.update(e.name for e in s.events)
             if opts.keep_spans:
                 spans.extend(done)
+            else:
+                running.add(s for s in done if "ophamin.cut" not in s.attributes)
 
         tty = opts.status and sys.stderr.isatty()
         last_status, last_hits = time.monotonic(), 0
         stopped_by = ""
+        alive_ns = time.monotonic_ns()  # the last moment the target was known alive (cut spans end there)
         deadline = time.monotonic() + opts.duration if opts.duration else None
         while True:
             done = capture.poll(100)
             for e in enrichers:
                 e.poll()
             deliver(held.release(done))
+            checked_ns = time.monotonic_ns()
             if stop.reason:
                 stopped_by = stop.reason
             elif deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "duration"
-            elif not is_alive(pid):
-                stopped_by = "target exited"
+            else:
+                stopped_by = watch.gone(capture.counters())
             if stopped_by:
                 break
+            alive_ns = checked_ns
             now = time.monotonic()
             if tty and now - last_status > 0.5:
                 c = capture.counters()
@@ -264,7 +290,12 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
                 last_status, last_hits = now, hits
         for e in enrichers:
             e.poll()
-        deliver(held.release(capture.drain(), final=True))
+        drained = capture.drain()
+        checked_ns = time.monotonic_ns()
+        if not watch.gone(capture.counters()):
+            alive_ns = checked_ns  # stopped by a signal or the duration: the target lives on past detach
+        reason = stopped_by if stopped_by.startswith("target") else f"tracer stopped ({stopped_by})"
+        deliver(held.release(drained + capture.cut_spans(alive_ns, reason), final=True))
         counters = capture.counters()
         if tty:
             sys.stderr.write("\n")
@@ -273,17 +304,26 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
             ex.close()
             if isinstance(ex, OtlpHttp):
                 exp_info["otlp_http"] = {"url": ex.url, "sent": ex.sent, "dropped": ex.dropped,
-                                         "last_error": ex.last_error}
+                                         "max_buffered": ex.max_buffered, "last_error": ex.last_error}
             else:
                 exp_info["file"] = {"path": ex.path, "spans": ex.written}
-        return TraceResult(pid, capture.interpreter, tuple(spans), tuple(span_stats(spans)), capture.losses(),
+        losses = capture.losses()
+        seen.update(losses.cut_at_attach, losses.orphan_events)
+        warnings = [*capture.warnings, *unseen_targets(spec, seen)]
+        stats = span_stats(s for s in spans if "ophamin.cut" not in s.attributes) if opts.keep_spans \
+            else running.stats()
+        return TraceResult(pid, capture.interpreter, tuple(spans), tuple(stats), losses,
                            counters, stopped_by, time.monotonic() - t_start, attach_s,
-                           tuple(capture.warnings), exp_info, {e.name: e.summary() for e in enrichers}, opts.mode)
+                           tuple(warnings), exp_info, {e.name: e.summary() for e in enrichers}, opts.mode)
     finally:
         for e in enrichers:
             e.close()
         if capture is not None:
             capture.close()
+        if watch is not None:
+            watch.close()
+        for ex in exporters:
+            ex.close()  # idempotent; here for a run that failed before its normal close
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -292,8 +332,6 @@ def launch(argv: list[str]) -> int:
     """Start a command for launch mode and wait until its interpreter is mapped."""
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
-
-    from .discover.process import find_interpreter  # noqa: PLC0415
 
     try:
         p = subprocess.Popen(argv)

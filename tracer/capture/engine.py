@@ -8,18 +8,20 @@ ends (SIGKILL included); `close()` detaches them eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..access import require_tracing_access, tracefs_probes_of
 from ..discover.elf import open_image
 from ..discover.layout import Layout, layout_for, walk_threads_live
-from ..discover.process import Interpreter, find_interpreter
+from ..discover.process import Interpreter, find_interpreter, is_alive
 from ..errors import PrivilegeError, TargetGone, TraceError
 from ..plan.probes import ProbePlan, plan_for
-from ..privileges import missing_caps
+from ..plan.verify import verify_plan
 from ..spec import MAX_ARGS, Spec
 from .names import NameRule, fnv, rules_for
 from .output import CapturedOutput
@@ -27,7 +29,7 @@ from .output import CapturedOutput
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
-            "read_faults", "stack_overflow", "classified")
+            "read_faults", "stack_overflow", "classified", "dropped_entries", "dropped_exits", "execs")
 # Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
 # (verified against DWARF by tests/test_capture.py).
 FRAME_SUSPEND_FIELD = {(3, 9): ("OFF_FRAME_STACKTOP", 72), (3, 10): ("OFF_FRAME_STATE", 108)}
@@ -60,13 +62,6 @@ class Attached:
     attach_s: float = 0.0
 
 
-def _need_privileges() -> None:
-    missing = missing_caps()
-    if missing:
-        raise PrivilegeError(f"tracing needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE, this process lacks "
-                             f"{', '.join(missing)} (try: sudo ophamin-trace ...)")
-
-
 def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool) -> list[str]:
     flags = [f"-DTARGET_TGID={pid}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DPY_MINOR={version[1]}"]
     for name, value in layout.to_dict().items():
@@ -87,7 +82,7 @@ class CaptureEngine:
     """One target process: compile, fill the maps, attach, then `poll()` until `close()`."""
 
     def __init__(self, pid: int, spec: Spec, *, with_sched: bool = False) -> None:
-        _need_privileges()
+        require_tracing_access(pid)  # before anything is loaded (tracer/access.py)
         from bcc import BPF  # Debian's python3-bpfcc; imported late so --help works without it
 
         self.pid = pid
@@ -118,9 +113,15 @@ class CaptureEngine:
         except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
-        self._fill_maps(rules)
         t0 = time.monotonic()
-        self._attach(plan, interp)
+        try:
+            self._fill_maps(rules)
+            self._attach(plan, interp)
+        except BaseException as e:
+            self.close()  # probes attached before a failure go now, not at garbage collection
+            if isinstance(e, OSError) and not is_alive(pid):  # it exited while BPF compiled
+                raise TargetGone(f"process {pid} exited while the tracer attached") from None
+            raise
         self.info.attach_s = time.monotonic() - t0
         # bcc cannot infer the event type from a struct with nested arrays: use the
         # scratch map's value type, which is the same `struct event`.
@@ -165,6 +166,7 @@ class CaptureEngine:
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         fn = {"entry": "on_entry", "exit": "on_exit", "tstate": "on_tstate"}
+        verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven
         for site in plan.sites:
             try:
                 self.bpf.attach_uprobe(name=interp.host_path.encode(), addr=site.vaddr,
@@ -173,6 +175,8 @@ class CaptureEngine:
                 if not os.path.exists(f"/proc/{self.pid}"):
                     raise TargetGone(f"process {self.pid} exited while attaching") from None
                 raise TraceError(f"cannot attach uprobe at {site.label} ({site.vaddr:#x}): {e}") from None
+        if tracefs_probes_of(os.getpid()):  # bcc fell back to tracefs: such probes outlive a killed tracer
+            raise PrivilegeError("uprobes were created through tracefs, not as perf events: refusing to trace")
         self.seed_threads()
 
     # ---- streaming --------------------------------------------------------------------
@@ -212,4 +216,10 @@ class CaptureEngine:
         if self._closed:
             return
         self._closed = True
-        self.bpf.cleanup()
+        try:
+            self.bpf.cleanup()
+        except Exception:  # noqa: BLE001 - bcc's tracefs bookkeeping fails without root; the fds still close
+            for fd in list(getattr(self.bpf, "uprobe_fds", {}).values()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.bpf.uprobe_fds.clear()
