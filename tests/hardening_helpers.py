@@ -48,6 +48,26 @@ def assert_one_line_error(r: subprocess.CompletedProcess, text: str, code: int |
     assert text in lines[0], lines[0]
 
 
+def describe(pid: int) -> str:
+    """State, kernel wait channel and children of a process, for failure messages."""
+    out = []
+    for p in [pid, *children(pid)]:
+        try:
+            st = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{p}/wchan").read_text()
+        except OSError:
+            st, wchan = "gone", ""
+        out.append(f"{p}: {st} {wchan}")
+    return ", ".join(out)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class Target:
     """A Python process driven line by line over stdin/stdout."""
 
@@ -79,7 +99,8 @@ class Target:
             try:
                 line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"target {self.pid}: no line {prefix!r} within {timeout} s") from None
+                raise AssertionError(f"target {self.pid}: no line {prefix!r} within {timeout} s "
+                                     f"(lines so far: {self._pending}; {describe(self.pid)})") from None
             if line.startswith(prefix):
                 return line.split()
             if line == "":
@@ -107,7 +128,8 @@ class Tracer:
         p = subprocess.Popen([*(prefix or []), *CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=str(ROOT), env=e)
         t = cls(p)
-        threading.Thread(target=t._read_err, daemon=True).start()
+        t._reader = threading.Thread(target=t._read_err, daemon=True)
+        t._reader.start()
         return t
 
     def _read_err(self) -> None:
@@ -123,7 +145,10 @@ class Tracer:
                 raise AssertionError(f"tracer did not attach (rc {self.proc.poll()}): {self.stderr}")
 
     def finish(self, timeout: float = 120) -> int:
-        self.stdout, _ = self.proc.communicate(timeout=timeout)
+        """Wait for exit; then `stdout` and all of `stderr` are in."""
+        self.stdout = self.proc.stdout.read()
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
         return self.proc.returncode
 
 

@@ -20,6 +20,8 @@ from .spec import load_spec
 def _print_result(res, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
+        for w in res.warnings:  # for the human at the terminal; the JSON has them too
+            click.echo(f"warning: {w}", err=True)
         return
     click.echo(format_table(res.stats) if res.stats else "no spans completed")
     lo = res.losses

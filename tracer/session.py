@@ -90,7 +90,7 @@ class Capture(Protocol):
 
     def poll(self, timeout_ms: int) -> list[Span]: ...  # spans finished since the last call
 
-    def drain(self) -> list[Span]: ...  # after the loop: what is still buffered in the kernel
+    def drain(self) -> list[Span]: ...  # after the loop: stop the probes, read what the kernel still holds
 
     def counters(self) -> dict[str, int]: ...  # must include entry_hits, exit_hits, dropped
 
@@ -127,7 +127,7 @@ class ExactCapture:
         return self.assembler.feed(self.engine.poll(timeout_ms))
 
     def drain(self) -> list[Span]:
-        return self.assembler.feed(self.engine.drain())
+        return self.assembler.feed(self.engine.finish())  # probes detached first: counters final
 
     def counters(self) -> dict[str, int]:
         return self.engine.counters()

@@ -28,6 +28,10 @@ from .output import CapturedOutput
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
+# Events taken per poll: libbpf's poll consumes until the ring is empty, which under a target
+# producing faster than we read is never, so the loop would neither stop on a signal nor bound
+# its memory. At this many, the callback ends the poll (the rest stays in the ring).
+MAX_EVENTS_PER_POLL = 4096
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
             "read_faults", "stack_overflow", "classified", "dropped_entries", "dropped_exits", "execs")
 # Frame fields the 3.9/3.10 exit needs to tell a generator's yield from its return
@@ -100,6 +104,7 @@ class CaptureEngine:
             warnings += w
         self.info = Attached(interp, layout, plan, rules, warnings)
         self._events: list[RawEvent] = []
+        self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
         self._closed = False
         text = (BPF_DIR / "capture.c").read_text()
         if with_sched:
@@ -194,32 +199,56 @@ class CaptureEngine:
             e.ts, e.tid, e.kind, e.target_id, e.frame, e.code,
             bytes(e.exc_name).split(b"\0", 1)[0].decode(errors="replace"),
             tuple(e.ancestors), args, sched, rss))
+        self._received[e.kind == EV_ENTRY] += 1
+        return -1 if len(self._events) >= MAX_EVENTS_PER_POLL else 0  # < 0 ends this poll; this event is kept
 
     def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
         self.bpf.ring_buffer_poll(timeout_ms)
         out, self._events = self._events, []
         return out
 
-    def drain(self) -> list[RawEvent]:
-        self.bpf.ring_buffer_consume()
-        out, self._events = self._events, []
+    def drain(self, max_events: int = 4 * MAX_EVENTS_PER_POLL) -> list[RawEvent]:
+        """What the ring holds now, in bounded batches (a target still running keeps adding)."""
+        out: list[RawEvent] = []
+        while len(out) < max_events:
+            self.bpf.ring_buffer_consume()
+            batch, self._events = self._events, []
+            out += batch
+            if len(batch) < MAX_EVENTS_PER_POLL:
+                break
         return out
+
+    def finish(self) -> list[RawEvent]:
+        """Detach every probe, then read the ring to its end. Afterwards the counters are final:
+        per kind, events received + dropped = events the kernel made."""
+        self.detach_probes()
+        out: list[RawEvent] = []
+        while True:
+            batch = self.drain()
+            out += batch
+            if not batch:
+                return out
+
+    def detach_probes(self) -> None:
+        for name, fd in list(self.bpf.uprobe_fds.items()):
+            try:
+                self.bpf.detach_uprobe_event(name)
+            except Exception:  # noqa: BLE001 - without root bcc cannot read tracefs; the fd is what matters
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                self.bpf.uprobe_fds.pop(name, None)
 
     def counters(self) -> dict[str, int]:
         table = self.bpf["counters"]
         out = {}
         for i, name in enumerate(COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["received_entries"], out["received_exits"] = self._received[True], self._received[False]
         return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.bpf.cleanup()
-        except Exception:  # noqa: BLE001 - bcc's tracefs bookkeeping fails without root; the fds still close
-            for fd in list(getattr(self.bpf, "uprobe_fds", {}).values()):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self.bpf.uprobe_fds.clear()
+        self.detach_probes()
+        self.bpf.cleanup()
