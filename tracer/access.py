@@ -114,6 +114,12 @@ def require_tracing_access(pid: int) -> None:
         raise PrivilegeError(f"this kernel refuses perf-event uprobes to this process ({reason}); they need "
                              "root or CAP_SYS_ADMIN here, and tracefs probes, which a killed tracer would "
                              "leave behind, are not used (try: sudo ophamin-trace ...)")
+    require_own_process(pid)
+
+
+def require_own_process(pid: int) -> None:
+    """Raise PrivilegeError unless `pid` runs as this (non-root) user, with this group, or we are root.
+    Even its memory layout (`probes` prints the load bias) is not for other users to see."""
     if os.geteuid() == 0:
         return
     me = os.getuid()

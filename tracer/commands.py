@@ -104,11 +104,13 @@ def probes_cmd(pid, as_json):
       sudo ophamin-trace probes --pid 4242
       sudo ophamin-trace probes --pid 4242 --json | jq .plan.sites
     """
+    from .access import require_own_process  # noqa: PLC0415
     from .discover.elf import open_image  # noqa: PLC0415
     from .discover.layout import layout_for  # noqa: PLC0415
     from .discover.process import find_interpreter  # noqa: PLC0415
     from .plan.probes import plan_for  # noqa: PLC0415
 
+    require_own_process(pid)
     interp = find_interpreter(pid)
     image = open_image(interp.host_path)
     layout = layout_for(interp.host_path, interp.version, interp.build_id)

@@ -80,6 +80,8 @@ def any_value(v: Any) -> dict:
         return {"doubleValue": v}
     if isinstance(v, (list, tuple)):
         return {"arrayValue": {"values": [any_value(x) for x in v]}}
+    if isinstance(v, dict):  # what the reader makes of a kvlistValue
+        return {"kvlistValue": {"values": key_values(v)}}
     if v is None:
         return {}
     return {"stringValue": str(v)}
