@@ -172,7 +172,16 @@ class CaptureEngine:
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         fn = {"entry": "on_entry", "exit": "on_exit", "tstate": "on_tstate"}
         verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven
-        for site in plan.sites:
+        # Exits first, entries last, threads seeded in between: a call in flight while probes
+        # go in then shows as an exit without entry (counted: cut at attach), never as an
+        # entry without exit (an open span whose frame, reused, would swallow the next call),
+        # and no entry is missed for want of a thread state.
+        order = {"exit": 0, "tstate": 1, "entry": 2}
+        seeded = False
+        for site in sorted(plan.sites, key=lambda s: order[s.role]):
+            if site.role == "entry" and not seeded:
+                self.seed_threads()
+                seeded = True
             try:
                 self.bpf.attach_uprobe(name=interp.host_path.encode(), addr=site.vaddr,
                                        fn_name=fn[site.role].encode(), pid=self.pid)
@@ -182,7 +191,6 @@ class CaptureEngine:
                 raise TraceError(f"cannot attach uprobe at {site.label} ({site.vaddr:#x}): {e}") from None
         if tracefs_probes_of(os.getpid()):  # bcc fell back to tracefs: such probes outlive a killed tracer
             raise PrivilegeError("uprobes were created through tracefs, not as perf events: refusing to trace")
-        self.seed_threads()
 
     # ---- streaming --------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> None:
