@@ -108,15 +108,15 @@ def test_unsupported_interpreters_are_refused_in_one_line(ebpf, tmp_path):
         pytest.skip("no unsupported CPython (2.x, <3.9) on this machine")
     spec = _spec_file(tmp_path, "__main__:f")
     for interp in old:
-        p = subprocess.Popen([interp.path, "-c", "import time; time.sleep(60)"])
+        # Python 2 has no print(flush=): write and flush by hand.
+        t = Target(interp.path, "import sys, time\nsys.stdout.write('ready\\n'); sys.stdout.flush()\ntime.sleep(60)")
         try:
-            wait_for(lambda p=p: "python" in Path(f"/proc/{p.pid}/maps").read_text(), 10, "the interpreter to map")
-            r = run_cli("trace", "--pid", str(p.pid), "--spec", spec)
+            t.expect("ready")
+            r = run_cli("trace", "--pid", str(t.pid), "--spec", spec)
             assert_one_line_error(r, "supported")
             assert "3.9-3.13" in r.stderr, (interp.label, r.stderr)
         finally:
-            p.kill()
-            p.wait()
+            t.kill()
 
 
 def test_bad_specs_and_endpoints_are_refused_in_one_line(ebpf, tmp_path, one_python):
@@ -816,9 +816,10 @@ def test_probe_plan_verifier_refuses_planted_addresses(ebpf, interpreter):
     """The real plan passes; a site moved one byte, a site inside an instruction, a site
     claiming another instruction, and a site in no function are each refused."""
     _interp, python = interpreter
-    p = subprocess.Popen([python, "-c", "import time; time.sleep(60)"])
+    t = Target(python, SLEEPER)
     try:
-        wait_for(lambda: _maps_python(p.pid), 10, "the interpreter to map")
+        t.expect("ready")
+        p = t.proc
         interp = find_interpreter(p.pid)
         image = open_image(interp.host_path)
         plan = plan_for(image, interp.version)
@@ -837,15 +838,7 @@ def test_probe_plan_verifier_refuses_planted_addresses(ebpf, interpreter):
         refused(replace(s0, instruction="nop"), "the plan says 'nop'")
         refused(replace(s0, vaddr=image.section_range(".text")[0] - 8), "no instruction boundary is proven|not")
     finally:
-        p.kill()
-        p.wait()
-
-
-def _maps_python(pid: int) -> bool:
-    try:
-        return "python" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
+        t.kill()
 
 
 def _inside_an_instruction(image, start: int) -> tuple[int, str]:

@@ -238,7 +238,9 @@ class CaptureEngine:
                 return out
 
     def detach_probes(self) -> None:
-        for name, fd in list(self.bpf.uprobe_fds.items()):
+        # The reverse of the attach order: entries go first, exits last, so a call in flight
+        # ends as a span or stays open (cut), and no entry goes without its exit.
+        for name, fd in reversed(list(self.bpf.uprobe_fds.items())):
             try:
                 self.bpf.detach_uprobe_event(name)
             except Exception:  # noqa: BLE001 - without root bcc cannot read tracefs; the fd is what matters
