@@ -70,7 +70,11 @@ def _uprobe_pmu_error(_euid: int, _caps: str) -> str | None:
         return f"no uprobe PMU ({UPROBE_PMU_TYPE}: {getattr(e, 'strerror', None) or e})"
     libc = ctypes.CDLL(None, use_errno=True)
     # A scratch file that no process maps: registering a uprobe on it places no breakpoint.
-    with tempfile.NamedTemporaryFile(prefix="ophamin-pmu-") as scratch:
+    try:
+        scratch = tempfile.NamedTemporaryFile(prefix="ophamin-pmu-")  # noqa: SIM115 - closed below
+    except OSError:
+        return None  # nowhere to write one: the check after attaching (tracefs_probes_of) still guards
+    with scratch:
         scratch.write(b"\x90" * 4096)
         scratch.flush()
         path = ctypes.create_string_buffer(scratch.name.encode())
