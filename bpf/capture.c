@@ -15,6 +15,7 @@
  * On 3.11, frames entered from C end at the eval loop's return, because an LTO build may
  * inline the frame clear into the C caller (Debian's 3.11 does), where no probe can see it;
  * the frame-clear probe then skips the one frame the return already closed.
+ *   sched_process_exec - the target exec'd: every later hit is ignored (counted: execs)
  * Filtering is one LRU-hash lookup on the code object's address; a code object not yet
  * seen is classified once by hashing its (qual)name and comparing a path suffix of its
  * file name against the spec's targets, so functions defined after attach are found too.
@@ -41,7 +42,9 @@
 enum counter {
     C_ENTRY_HITS, C_EXIT_HITS, C_TARGET_ENTRIES, C_TARGET_EXITS, C_DROPPED, C_NO_TSTATE,
     C_READ_FAULTS, C_STACK_OVERFLOW, C_CLASSIFIED, C_EVAL_RETURNS_LOST, C_OPEN_FULL, C_FRAME_REG_MISMATCH,
-    C_SUBMITTED, C_COUNTERS
+    C_SUBMITTED,
+    C_DROPPED_ENTRIES, C_DROPPED_EXITS, /* C_DROPPED split by kind: entries seen + dropped = entries made */
+    C_EXECS, C_COUNTERS
 };
 
 struct code_info {
@@ -106,6 +109,11 @@ BPF_HASH(stacks, u64, struct tstack, 16384);
 BPF_ARRAY(zero_stack, struct tstack, 1);
 #endif
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_ARRAY(exec_at, u64, 1); /* when the target exec'd: its old image and frames are gone */
+/* 1 while the tracer attaches (user space clears it once the running frames are seeded): on
+ * 3.11+ an exit of a target frame nobody registered is then a call that began before the entry
+ * probes went in, reported so that it is counted cut at attach, not lost unseen. */
+BPF_ARRAY(attaching, u32, 1);
 
 static __always_inline void count(int c) {
     u64 *v = counters.lookup(&c);
@@ -226,7 +234,10 @@ static __always_inline void submit(struct event *e, u64 size) {
     u64 *n = counters.lookup(&k);
     u64 flags = BPF_RB_NO_WAKEUP;
     if (n && ++(*n) % WAKE_EVERY == 0) flags = BPF_RB_FORCE_WAKEUP;
-    if (events.ringbuf_output(e, size, flags) != 0) count(C_DROPPED);
+    if (events.ringbuf_output(e, size, flags) != 0) {
+        count(C_DROPPED);
+        count(e->kind == EV_ENTRY || e->kind == EV_RESUME ? C_DROPPED_ENTRIES : C_DROPPED_EXITS);
+    }
 }
 
 static __always_inline void capture_args(struct event *e, u64 frame, u32 target_id) {
@@ -269,10 +280,26 @@ static __always_inline void fill_exception(struct event *e, u64 tstate) {
     }
 }
 
+/* The probes stay armed across an exec (the perf events belong to the task), and a new
+ * CPython image would feed them frames of another program: after an exec, nothing. A raw
+ * tracepoint: it needs no tracefs format file (unreadable without root), and the task
+ * running it is the one that exec'd. */
+RAW_TRACEPOINT_PROBE(sched_process_exec) {
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET_TGID) return 0;
+    u32 z = 0;
+    u64 ts = bpf_ktime_get_ns();
+    exec_at.update(&z, &ts);
+    count(C_EXECS);
+    return 0;
+}
+
 static __always_inline int target_pid(u32 *tid) {
     u64 id = bpf_get_current_pid_tgid();
     *tid = (u32)id;
-    return (id >> 32) == TARGET_TGID;
+    if ((id >> 32) != TARGET_TGID) return 0;
+    u32 z = 0;
+    u64 *execd = exec_at.lookup(&z);
+    return !(execd && *execd);
 }
 
 static __always_inline int emit_entry(u32 tid, u16 kind, u64 frame, u64 code, u32 target_id) {
@@ -370,6 +397,7 @@ int on_exit(struct pt_regs *ctx) {
  * space seeds it at attach with the target frames already on the threads' stacks. */
 struct open_frame { u64 code; u32 target_id; u32 pad; };
 BPF_HASH(open_frames, u64, struct open_frame, 65536);
+
 
 static __always_inline u64 current_frame(u64 tstate) {
 #if OFF_TSTATE_CURRENT_FRAME >= 0
@@ -520,6 +548,12 @@ int on_exit(struct pt_regs *ctx) {
     u64 frame = PT_REGS_PARM1(ctx);
     u64 code;
     u32 target_id = close_frame(frame, &code);
+    if (!target_id) {
+        u32 z = 0;
+        u32 *a = attaching.lookup(&z);
+        u32 flags;
+        if (a && *a) target_id = frame_target(frame, &code, &flags);
+    }
     if (target_id) emit_exit(tid, frame, code, target_id, 0);
     return 0;
 }

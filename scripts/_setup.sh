@@ -15,7 +15,8 @@ need_root() {
 }
 
 apt_packages() {
-  local want=(bpfcc-tools python3-bpfcc python3-venv python3-dev linux-headers-amd64 chromium chromium-driver)
+  local want=(bpfcc-tools python3-bpfcc python3-venv python3-dev linux-headers-amd64 chromium chromium-driver
+              bpftool strace)  # bpftool, strace: tests/test_hardening.py (no probe left; memory only read)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional, Sequence, Union
 from .correlate.profile import BatchResourceProfile, build_profile
 from .discover.launch import launch as _launch
 from .errors import TraceError
-from .loop import FleetResult, TraceLoop
+from .loop import FleetResult, TraceLoop, check_targets
 from .otlpjson import Span
 from .report.stats import span_stats, step_timing_ms
 from .session import TraceOptions
@@ -149,6 +149,7 @@ def _session(pids: Sequence[int], spec: SpecLike, functions: Sequence[str], modu
                           tuple(modules))
     base = request.base()
     opts = replace(options, with_sched=bool(sched), status=False)
+    check_targets(pids)
     loop = TraceLoop(lambda pid: request.for_pid(pid, base), opts, sched_auto=sched is None)
     try:
         for pid in pids:

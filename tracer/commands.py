@@ -21,12 +21,17 @@ from .spec import load_spec
 def _print_result(res, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
+        for w in res.warnings:  # for the human at the terminal; the JSON has them too
+            click.echo(f"warning: {w}", err=True)
         return
     click.echo(format_table(res.stats) if res.stats else "no spans completed")
     lo = res.losses
     c = res.counters
+    drops = f"{c['dropped']:,}"
+    if c.get("dropped"):
+        drops += f" ({c.get('dropped_entries', 0):,} entries, {c.get('dropped_exits', 0):,} exits)"
     click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
-               f"ring-buffer drops: {c['dropped']:,}; stopped by: {res.stopped_by}")
+               f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
     unseen = c.get("stack_overflow", 0) + c.get("eval_returns_lost", 0)
     if unseen:
         click.echo(f"exits the kernel could not pair: {unseen:,} (frames nested deeper than the per-thread "
@@ -67,8 +72,9 @@ def _enricher_line(name: str, summary: dict) -> str:
               help="Trace this function as a span (repeatable; added to --spec if both are given).")
 @click.option("--module", "modules", multiple=True, metavar="PREFIX",
               help="Trace every function defined in this module or package (repeatable).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write spans as OTLP-JSON lines.")
-@click.option("--otlp-endpoint", help="Send spans by OTLP/HTTP (JSON) to this collector URL.")
+@click.option("--output", "-o", type=click.Path(), help="Write spans as OTLP-JSON lines (a new or regular file).")
+@click.option("--otlp-endpoint", help="Send spans by OTLP/HTTP (JSON) to this collector URL. While it is "
+              "unreachable, up to 50,000 spans wait; older ones are dropped and counted.")
 @click.option("--duration", type=float, help="Stop after this many seconds.")
 @click.option("--sched/--no-sched", default=False, show_default=True,
               help="Add scheduler and memory attributes to each span.")
@@ -116,8 +122,10 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
     if launched is not None:
         pids = [launched.pid]
     many = len(pids) > 1 or match is not None
+    # Spans stream to the exporters and the table is kept in fixed memory, so a trace can run
+    # for days (tracer/report/running_stats.py); only --profile needs the spans themselves.
     opts = TraceOptions(output=output, otlp_endpoint=otlp_endpoint, duration=duration, status=not no_status,
-                        with_sched=sched, enrichers=("gpu",) if gpu else ())
+                        with_sched=sched, enrichers=("gpu",) if gpu else (), keep_spans=bool(profile_path))
     try:
         fleet = trace_processes(pids, request, opts, match=match, follow=follow, log=stderr_log,
                                 on_attached=(lambda _c: launched.resume()) if launched else None)
@@ -156,11 +164,13 @@ def probes_cmd(pid, as_json):
       sudo ophamin-trace probes --pid 4242
       sudo ophamin-trace probes --pid 4242 --json | jq .plan.sites
     """
+    from .access import require_own_process  # noqa: PLC0415
     from .discover.elf import open_image  # noqa: PLC0415
     from .discover.layout import layout_for  # noqa: PLC0415
     from .discover.process import find_interpreter  # noqa: PLC0415
     from .plan.probes import plan_for  # noqa: PLC0415
 
+    require_own_process(pid)
     interp = find_interpreter(pid)
     image = open_image(interp.host_path)
     layout = layout_for(interp.host_path, interp.version, interp.build_id)

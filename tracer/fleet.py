@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from .discover.scan import ProcessMatcher
 from .errors import TraceError
-from .loop import FleetResult, TraceLoop, stop_on_signals
+from .loop import FleetResult, TraceLoop, check_targets, stop_on_signals
 from .session import TraceOptions
 from .spec.adhoc import SpecRequest
 
@@ -32,6 +32,7 @@ def trace_processes(pids: Sequence[int], request: SpecRequest, options: TraceOpt
     exited (unless following), on SIGINT/SIGTERM, or after the duration."""
     base = request.base()  # a bad spec or -f fails here, before anything attaches
     matcher = ProcessMatcher(match, retry_young=follow) if match is not None else None
+    check_targets(pids)
     loop = TraceLoop(lambda pid: request.for_pid(pid, base), options, sched_auto=sched_auto, matcher=matcher,
                      follow=follow, log=log, on_attached=on_attached)
     try:

@@ -26,15 +26,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+from .access import require_tracing_access
 from .discover.container import process_attributes
-from .discover.process import is_alive
+from .discover.process import find_interpreter
 from .discover.scan import ProcessMatcher, start_time
 from .errors import TraceError
 from .export.otlp import OtlpHttp, OtlpJsonFile
 from .otlpjson import Span
+from .report.running_stats import RunningStats
 from .report.stats import span_stats
 from .session import CAPTURES, ENRICHERS, Capture, Enricher, TraceOptions, TraceResult, _HeldSpans, _status_line
 from .spec import Spec
+from .watch import TargetWatch, unseen_targets
 
 LIVENESS_S = 0.1  # how often each process is checked for exit (and PID reuse)
 # (pid) -> (the spec for that process, warnings about it)
@@ -54,9 +57,14 @@ class _Live:
     t0: float
     attach_s: float
     warnings: list[str]
+    spec: Spec
+    watch: TargetWatch  # exit (by pidfd: a reused PID is never taken for the target) and exec
     spans: list[Span] = field(default_factory=list)
+    running: RunningStats = field(default_factory=RunningStats)  # the table in fixed memory (keep_spans off)
+    seen: set = field(default_factory=set)  # span and event names that occurred
     n_spans: int = 0
-    checked: float = 0.0  # when liveness was last read from /proc
+    checked: float = 0.0  # when liveness was last checked
+    alive_ns: int = 0  # CLOCK_MONOTONIC: the last moment the target was known alive (cut spans end there)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,14 @@ class FleetResult:
         return {"match": self.match, "stopped_by": self.stopped_by, "duration_s": self.duration_s,
                 "processes": [t.to_dict() for t in self.targets], "skipped": list(self.skipped),
                 "failed": list(self.failed), "warnings": list(self.warnings), "exporters": dict(self.exporters)}
+
+
+def check_targets(pids) -> None:
+    """Refuse a bad target (no access to it, gone, a zombie, not a supported CPython) in one
+    line before anything is created: the exporters open their files when the loop is built."""
+    for pid in pids:
+        require_tracing_access(pid)
+        find_interpreter(pid)
 
 
 class TraceLoop:
@@ -133,8 +149,10 @@ class TraceLoop:
         if pid in self.live:
             raise TraceError(f"process {pid} is already traced")
         t0 = time.monotonic()
+        require_tracing_access(pid)  # before anything is loaded (tracer/access.py)
         started = start_time(pid)
         spec, warnings = self.spec_for(pid)
+        watch = TargetWatch(pid)
         opts = self.options
         capture: Capture | None = None
         reason = ""
@@ -144,10 +162,14 @@ class TraceLoop:
                 opts = replace(opts, with_sched=True)
             except TraceError as e:
                 reason = str(e)
-        if capture is None:
-            capture = CAPTURES[opts.mode](pid, spec, replace(opts, with_sched=False) if self.sched_auto else opts)
-            if reason:  # only now is it known that sched alone failed, not the process
-                self.sched_unavailable = reason
+        try:
+            if capture is None:
+                capture = CAPTURES[opts.mode](pid, spec, replace(opts, with_sched=False) if self.sched_auto else opts)
+                if reason:  # only now is it known that sched alone failed, not the process
+                    self.sched_unavailable = reason
+        except BaseException:
+            watch.close()
+            raise
         try:
             # Completed in place: a capture that stamps spans with its own resource dict then
             # stamps the full one, and _deliver has no per-span copy to make.
@@ -156,10 +178,12 @@ class TraceLoop:
             enrichers = [ENRICHERS[n](pid, opts) for n in opts.enrichers]
         except BaseException:
             capture.close()
+            watch.close()
             raise
         self._seq += 1
         live = _Live(self._seq, pid, started, capture, resource, enrichers, _HeldSpans(enrichers), opts.mode, t0,
-                     time.monotonic() - t0, [*warnings, *capture.warnings])
+                     time.monotonic() - t0, [*warnings, *capture.warnings], spec, watch,
+                     alive_ns=time.monotonic_ns())
         self.live[pid] = live
         if self.log:
             interp = capture.interpreter
@@ -201,8 +225,13 @@ class TraceLoop:
         t.n_spans += len(done)
         for ex in self.exporters:
             ex.export(done)
+        for s in done:
+            t.seen.add(s.name)
+            t.seen.update(e.name for e in s.events)
         if self.options.keep_spans:
             t.spans.extend(done)
+        else:
+            t.running.add(s for s in done if "ophamin.cut" not in s.attributes)
         if self.on_spans is not None:
             self.on_spans(done)
 
@@ -218,10 +247,14 @@ class TraceLoop:
                 e.poll()
             self._deliver(t, t.held.release(done))
             now = time.monotonic()
-            if now - t.checked >= LIVENESS_S:  # two /proc reads per process: not on every poll
+            if now - t.checked >= LIVENESS_S:  # a poll and a counter read per process: not on every step
                 t.checked = now
-                if not is_alive(t.pid) or start_time(t.pid) != t.start_time:
-                    self._finish(t, "target exited")
+                checked_ns = time.monotonic_ns()
+                gone = t.watch.gone(t.capture.counters())
+                if gone:
+                    self._finish(t, gone)
+                else:
+                    t.alive_ns = checked_ns
 
     def run(self) -> str:
         """Trace until stopped, the duration is up, or (without follow) every process exited."""
@@ -274,17 +307,26 @@ class TraceLoop:
                 if finish is not None:
                     finish()
                 e.poll()
-            self._deliver(t, t.held.release(t.capture.drain(), final=True))
+            drained = t.capture.drain()  # the probes go first, so the counters are final
+            checked_ns = time.monotonic_ns()
+            if not t.watch.gone(t.capture.counters()):
+                t.alive_ns = checked_ns  # the tracer stopped: the target lives on past detach
+            why = reason if reason.startswith("target") else f"tracer stopped ({reason})"
+            self._deliver(t, t.held.release(drained + t.capture.cut_spans(t.alive_ns, why), final=True))
             counters = t.capture.counters()
-            res = TraceResult(t.pid, t.capture.interpreter, tuple(t.spans), tuple(span_stats(t.spans)),
-                              t.capture.losses(), counters, reason, time.monotonic() - t.t0, t.attach_s,
-                              tuple(t.warnings), {}, {e.name: e.summary() for e in t.enrichers}, t.mode,
-                              t.resource)
+            losses = t.capture.losses()
+            t.seen.update(losses.cut_at_attach, losses.orphan_events)
+            stats = span_stats(s for s in t.spans if "ophamin.cut" not in s.attributes) if self.options.keep_spans \
+                else t.running.stats()
+            res = TraceResult(t.pid, t.capture.interpreter, tuple(t.spans), tuple(stats), losses, counters, reason,
+                              time.monotonic() - t.t0, t.attach_s, (*t.warnings, *unseen_targets(t.spec, t.seen)),
+                              {}, {e.name: e.summary() for e in t.enrichers}, t.mode, t.resource)
         finally:
             self.live.pop(t.pid, None)
             for e in t.enrichers:
                 e.close()
             t.capture.close()
+            t.watch.close()
         self.results.append((t.seq, res))
         self._finished_spans += t.n_spans
         if self.log:

@@ -80,6 +80,8 @@ def any_value(v: Any) -> dict:
         return {"doubleValue": v}
     if isinstance(v, (list, tuple)):
         return {"arrayValue": {"values": [any_value(x) for x in v]}}
+    if isinstance(v, dict):  # what the reader makes of a kvlistValue
+        return {"kvlistValue": {"values": key_values(v)}}
     if v is None:
         return {}
     return {"stringValue": str(v)}
@@ -134,24 +136,35 @@ def dumps_line(spans: Iterable[Span], resource: Dict[str, Any], scope: str,
 def value_of(v: dict) -> Any:
     if not isinstance(v, dict):
         raise OtlpJsonError(f"attribute value is not an object: {v!r}")
+    # Each AnyValue kind has one JSON type: anything else is refused, not coerced
+    # ("false" is not False, {} is not a string).
     if "stringValue" in v:
-        return v["stringValue"]
+        return _typed(v["stringValue"], str, "stringValue")
     if "boolValue" in v:
-        return bool(v["boolValue"])
+        return _typed(v["boolValue"], bool, "boolValue")
     if "intValue" in v:
         return _int(v["intValue"], "intValue")
     if "doubleValue" in v:
+        d = v["doubleValue"]
         try:
-            return float(v["doubleValue"])
+            if isinstance(d, bool) or not isinstance(d, (int, float, str)):
+                raise TypeError
+            return float(d)
         except (TypeError, ValueError):
-            raise OtlpJsonError(f"doubleValue {v['doubleValue']!r} is not a number") from None
+            raise OtlpJsonError(f"doubleValue {d!r} is not a number") from None
     if "arrayValue" in v:
         return [value_of(x) for x in _list(_obj(v["arrayValue"], "arrayValue").get("values"), "values")]
     if "kvlistValue" in v:
         return attrs_of(_list(_obj(v["kvlistValue"], "kvlistValue").get("values"), "values"))
     if "bytesValue" in v:
-        return v["bytesValue"]
+        return _typed(v["bytesValue"], str, "bytesValue")
     return None
+
+
+def _typed(v: Any, kind: type, what: str) -> Any:
+    if not isinstance(v, kind):
+        raise OtlpJsonError(f"{what} {v!r} is not a {'string' if kind is str else 'boolean'}")
+    return v
 
 
 def _int(v: Any, what: str) -> int:

@@ -40,7 +40,7 @@ class TraceOptions:
     mode: str = "exact"  # a key of CAPTURES
     with_sched: bool = False  # scheduler and memory attributes per span
     enrichers: tuple[str, ...] = ()  # keys of ENRICHERS, in order
-    keep_spans: bool = True  # keep every span in the result (the API and tests read them)
+    keep_spans: bool = True  # keep every span in the result (the API and tests read them); False: fixed memory
 
     def to_dict(self) -> dict:
         return {"output": self.output, "otlp_endpoint": self.otlp_endpoint, "duration": self.duration,
@@ -65,7 +65,8 @@ class TraceResult:
     resource: dict = field(default_factory=dict)  # the OpenTelemetry resource of its spans
 
     def to_dict(self) -> dict:
-        return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode, "spans": len(self.spans),
+        return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode,
+                "spans": sum(s.count for s in self.stats) + sum(self.losses.cut_at_detach.values()),
                 "resource": dict(self.resource),
                 "stats": [s.to_dict() for s in self.stats], "losses": self.losses.to_dict(),
                 "counters": dict(self.counters), "stopped_by": self.stopped_by,
@@ -86,11 +87,13 @@ class Capture(Protocol):
 
     def poll(self, timeout_ms: int) -> list[Span]: ...  # spans finished since the last call
 
-    def drain(self) -> list[Span]: ...  # after the loop: what is still buffered in the kernel
+    def drain(self) -> list[Span]: ...  # after the loop: stop the probes, read what the kernel still holds
 
     def counters(self) -> dict[str, int]: ...  # must include entry_hits, exit_hits, dropped
 
     def losses(self) -> Losses: ...
+
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]: ...  # still open at the end, closed as cut
 
     def close(self) -> None: ...
 
@@ -127,7 +130,7 @@ class ExactCapture:
         return spans
 
     def drain(self) -> list[Span]:
-        return self.assembler.feed(self.engine.drain())
+        return self.assembler.feed(self.engine.finish())  # probes detached first: counters final
 
     def counters(self) -> dict[str, int]:
         c = self.engine.counters()
@@ -137,6 +140,9 @@ class ExactCapture:
 
     def losses(self) -> Losses:
         return self.assembler.losses()
+
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
+        return self.assembler.cut_spans(alive_mono_ns, reason)
 
     def close(self) -> None:
         self.engine.close()
@@ -209,8 +215,9 @@ def run_trace(pid: int, spec: Spec, *, on_attached: Callable[[Capture], None] | 
               options: TraceOptions | None = None, **kwargs) -> TraceResult:
     """Attach to `pid`, trace until stopped, detach. Keyword arguments are TraceOptions fields.
     The loop itself (several processes, streaming) is `tracer.loop.TraceLoop`."""
-    from .loop import TraceLoop, stop_on_signals  # noqa: PLC0415 - loop.py imports this module
+    from .loop import TraceLoop, check_targets, stop_on_signals  # noqa: PLC0415 - loop.py imports this module
 
+    check_targets([pid])
     loop = TraceLoop(spec, options or TraceOptions(**kwargs), on_attached=on_attached)
     try:
         with stop_on_signals(loop):

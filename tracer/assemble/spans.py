@@ -253,6 +253,26 @@ class Assembler:
         return Span(o.trace_id, o.span_id, o.parent_span_id, t.name, o.start, self.clock.unix(ev.ts),
                     attrs, tuple(o.events), status, message, self.resource)
 
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
+        """The spans still open when the trace ends, closed at the last moment the tracer knew
+        the target alive (CLOCK_MONOTONIC ns) and marked cut: `ophamin.cut = "detach"`, status
+        ERROR with `reason`. Pure: they stay open here, so losses() still counts them."""
+        end = self.clock.unix(alive_mono_ns)
+        out = []
+        for o in self.open.values():
+            if o.target.kind != "span":
+                continue
+            attrs = dict(o.attrs)
+            if o.resumes:
+                attrs["ophamin.resumes"] = o.resumes
+            if o.suspensions:
+                attrs["ophamin.suspensions"] = o.suspensions
+            attrs["ophamin.cut"] = "detach"
+            last = max([o.start, *(e.time_ns for e in o.events)])
+            out.append(Span(o.trace_id, o.span_id, o.parent_span_id, o.target.name, o.start, max(end, last),
+                            attrs, tuple(o.events), STATUS_ERROR, f"cut at detach: {reason}", self.resource))
+        return out
+
     def losses(self) -> Losses:
         detach = Counter(o.target.name for o in self.open.values() if o.target.kind == "span")
         return Losses(dict(self.cut_at_attach), dict(detach), dict(self.orphan_events), self.unreadable,

@@ -8,6 +8,7 @@ ends (SIGKILL included); `close()` detaches them eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
@@ -15,25 +16,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..access import require_tracing_access, tracefs_probes_of
 from ..discover.elf import open_image
 from ..discover.layout import Layout, _Mem, _read_str, layout_for, walk_threads_live
-from ..discover.process import Interpreter, find_interpreter
+from ..discover.process import Interpreter, find_interpreter, is_alive
 from ..errors import PrivilegeError, TargetGone, TraceError
 from ..plan.probes import ProbePlan, ProbeSite, plan_for
-from ..privileges import missing_caps
+from ..plan.verify import verify_plan
 from ..spec import MAX_ARGS, Spec
 from .names import NameRule, fnv, rules_for
 from .output import CapturedOutput
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 RINGBUF_PAGES = 1024  # 4 MiB: ~4,500 entry events in flight before a drop is counted
+# Events taken per poll: libbpf's poll consumes until the ring is empty, which under a target
+# producing faster than we read is never, so the loop would neither stop on a signal nor bound
+# its memory. At this many, the callback ends the poll (the rest stays in the ring).
+MAX_EVENTS_PER_POLL = 4096
 COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "dropped", "no_tstate",
             "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch",
-            "submitted")
+            "submitted", "dropped_entries", "dropped_exits", "execs")
 EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, EV_RESUME = 1, 2, 3, 4, 5
 _HEAD = struct.Struct("<QIHHIIQQ")  # struct event up to `code`
 # The BPF function behind each probe-site role (bpf/capture.c).
 HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
+# Attach order (detach is the reverse): every exit probe, then every entry probe, then the
+# frames already running are seeded (bpf/capture.c: until then an exit of an unknown target
+# frame is still reported, counted as cut at attach). So no call can show an entry without its
+# exit, and none that ends while the tracer attaches goes uncounted.
+ATTACH_ORDER = {"exit": 0, "eval-return": 0, "eval-entry": 1, "entry": 1}
 _PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp"}
 
 
@@ -77,13 +88,6 @@ class Attached:
     attach_s: float = 0.0
 
 
-def _need_privileges() -> None:
-    missing = missing_caps()
-    if missing:
-        raise PrivilegeError(f"tracing needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE, this process lacks "
-                             f"{', '.join(missing)} (try: sudo ophamin-trace ...)")
-
-
 def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
             verify_frame_register: bool = False) -> list[str]:
     flags = [f"-DTARGET_TGID={pid}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DPY_MINOR={version[1]}"]
@@ -111,7 +115,7 @@ class CaptureEngine:
     def __init__(self, pid: int, spec: Spec, *, with_sched: bool = False, verify_frame_register: bool = False) -> None:
         """`verify_frame_register` (tests): count entries where the register the plan proved
         does not hold the thread state's current frame (counter `frame_reg_mismatch`)."""
-        _need_privileges()
+        require_tracing_access(pid)  # before anything is loaded (tracer/access.py)
         from bcc import BPF  # Debian's python3-bpfcc; imported late so --help works without it
 
         self.pid = pid
@@ -129,6 +133,7 @@ class CaptureEngine:
             warnings += w
         self.info = Attached(interp, layout, plan, rules, warnings)
         self._events: list[RawEvent] = []
+        self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
         self._closed = False
         text = (BPF_DIR / "capture.c").read_text()
         lines = sorted({handler_for(s)[1] for s in plan.sites} - {""})
@@ -148,13 +153,21 @@ class CaptureEngine:
         except (Exception, SystemExit) as e:  # bcc raises bare Exception, or exits
             raise TraceError(f"BPF compile failed: {e}; {out.tail()}") from None
         self.info.compile_s = time.monotonic() - t0
-        self._fill_maps(rules)
-        if with_sched:
-            from ..correlate.sched import seed_rss  # noqa: PLC0415
-
-            seed_rss(self.bpf, pid)  # before the probes: the first snapshots read it
         t0 = time.monotonic()
-        self._attach(plan, interp)
+        try:
+            self._fill_maps(rules)
+            if with_sched:
+                from ..correlate.sched import seed_rss  # noqa: PLC0415
+
+                seed_rss(self.bpf, pid)  # before the probes: the first snapshots read it
+            self._attach(plan, interp)
+            self.seed_threads()
+            self.bpf[b"attaching"][ctypes.c_int(0)] = ctypes.c_uint(0)  # from now on exits need a known frame
+        except BaseException as e:
+            self.close()  # probes attached before a failure go now, not at garbage collection
+            if isinstance(e, OSError) and not is_alive(pid):  # it exited while BPF compiled
+                raise TargetGone(f"process {pid} exited while the tracer attached") from None
+            raise
         self.info.attach_s = time.monotonic() - t0
         # bcc cannot infer the event type from a struct with nested arrays: use the
         # scratch map's value type, which is the same `struct event`.
@@ -164,6 +177,7 @@ class CaptureEngine:
 
     # ---- setup ------------------------------------------------------------------------
     def _fill_maps(self, rules: list[NameRule]) -> None:
+        self.bpf[b"attaching"][ctypes.c_int(0)] = ctypes.c_uint(1)
         names = self.bpf[b"names"]
         slots: dict[int, int] = {}
         for r in rules:
@@ -229,7 +243,8 @@ class CaptureEngine:
         return next((r.target_id for r in self.info.rules if r.matches(name, filename, line)), 0)
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
-        for site in plan.sites:
+        verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven
+        for site in sorted(plan.sites, key=lambda s: ATTACH_ORDER[s.role]):
             attach = self.bpf.attach_uretprobe if site.role == "eval-return" else self.bpf.attach_uprobe
             try:
                 attach(name=interp.host_path.encode(), addr=site.vaddr, fn_name=handler_for(site)[0].encode(),
@@ -238,7 +253,8 @@ class CaptureEngine:
                 if not os.path.exists(f"/proc/{self.pid}"):
                     raise TargetGone(f"process {self.pid} exited while attaching") from None
                 raise TraceError(f"cannot attach uprobe at {site.label} ({site.vaddr:#x}): {e}") from None
-        self.seed_threads()
+        if tracefs_probes_of(os.getpid()):  # bcc fell back to tracefs: such probes outlive a killed tracer
+            raise PrivilegeError("uprobes were created through tracefs, not as perf events: refusing to trace")
 
     # ---- streaming --------------------------------------------------------------------
     def _decoder(self):
@@ -266,31 +282,65 @@ class CaptureEngine:
 
         return decode
 
-    def _on_event(self, _ctx, data, size) -> None:
-        self._events.append(self._decode(ctypes.string_at(data, size)))
+    def _on_event(self, _ctx, data, size) -> int:
+        ev = self._decode(ctypes.string_at(data, size))
+        self._events.append(ev)
+        self._received[ev.kind in (EV_ENTRY, EV_RESUME)] += 1
+        return -1 if len(self._events) >= MAX_EVENTS_PER_POLL else 0  # < 0 ends this poll; this event is kept
 
     def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
         """Events since the last call. Waits up to `timeout_ms` for a wakeup (the kernel side
         wakes the reader only every WAKE_EVERY events), then drains whatever is there."""
         self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
+        if len(self._events) < MAX_EVENTS_PER_POLL:  # the unwoken rest, up to the same bound
+            self.bpf.ring_buffer_consume()
         out, self._events = self._events, []
         return out
 
-    def drain(self) -> list[RawEvent]:
-        self.bpf.ring_buffer_consume()
-        out, self._events = self._events, []
+    def drain(self, max_events: int = 4 * MAX_EVENTS_PER_POLL) -> list[RawEvent]:
+        """What the ring holds now, in bounded batches (a target still running keeps adding)."""
+        out: list[RawEvent] = []
+        while len(out) < max_events:
+            self.bpf.ring_buffer_consume()
+            batch, self._events = self._events, []
+            out += batch
+            if len(batch) < MAX_EVENTS_PER_POLL:
+                break
         return out
+
+    def finish(self) -> list[RawEvent]:
+        """Detach every probe, then read the ring to its end. Afterwards the counters are final:
+        per kind, events received + dropped = events the kernel made."""
+        self.detach_probes()
+        out: list[RawEvent] = []
+        while True:
+            batch = self.drain()
+            out += batch
+            if not batch:
+                return out
+
+    def detach_probes(self) -> None:
+        # The reverse of the attach order: entries go first, exits last, so a call in flight
+        # ends as a span or stays open (cut), and no entry goes without its exit.
+        for name, fd in reversed(list(self.bpf.uprobe_fds.items())):
+            try:
+                self.bpf.detach_uprobe_event(name)
+            except Exception:  # noqa: BLE001 - without root bcc cannot read tracefs; the fd is what matters
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                self.bpf.uprobe_fds.pop(name, None)
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]
         out = {}
         for i, name in enumerate(COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["received_entries"], out["received_exits"] = self._received[True], self._received[False]
         return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.detach_probes()
         self.bpf.cleanup()
