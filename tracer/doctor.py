@@ -124,7 +124,16 @@ def check_privileges() -> Check:
     else:
         fix = "run as root (sudo ophamin-trace ...) or grant cap_bpf,cap_perfmon,cap_sys_ptrace"
     if not missing:
-        return Check("privileges", PASS, f"{who}; effective CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE", data=data)
+        from .access import uprobe_pmu_error  # noqa: PLC0415 - the same preflight the tracer runs
+
+        pmu = uprobe_pmu_error()
+        data["uprobe_pmu_error"] = pmu
+        if pmu:
+            return Check("privileges", FAIL, f"{who} has CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE but cannot create "
+                         f"perf-event uprobes: {pmu}", "this kernel also wants CAP_SYS_ADMIN for uprobe perf events: "
+                         "run as root", data=data)
+        return Check("privileges", PASS, f"{who}; effective CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE; perf-event uprobes "
+                     "can be created", data=data)
     return Check(
         "privileges", FAIL,
         f"{who} lacks {', '.join(missing)} (CapEff {caps:016x}): cannot load BPF or attach uprobes",
