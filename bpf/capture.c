@@ -244,6 +244,12 @@ static __always_inline void capture_args(struct event *e, u64 frame, u32 target_
     struct target_cfg *cfg = targets.lookup(&target_id);
     if (!cfg) return;
     u32 n = cfg->nargs;
+    if (!n) return;
+    /* Only the parameters: slots past them are other locals, or past the frame altogether. */
+    int argc = 0, kwonly = 0;
+    bpf_probe_read_user(&argc, sizeof(argc), (void *)(e->code + OFF_CODE_ARGCOUNT));
+    bpf_probe_read_user(&kwonly, sizeof(kwonly), (void *)(e->code + OFF_CODE_KWONLYARGCOUNT));
+    if (argc + kwonly < (int)n) n = argc + kwonly > 0 ? argc + kwonly : 0;
     for (int i = 0; i < MAX_ARGS; i++) {
         if (i >= n) break;
         struct arg_val *a = &e->args[i];

@@ -530,6 +530,16 @@ def test_span_sched_deltas_cpus_and_peak():
     assert attrs[A_PAGE_FAULTS] == 2 and attrs[A_PROC_PAGE_FAULTS] == 7
 
 
+def test_span_sched_takes_back_a_slice_recharged_as_run_queue():
+    # Entry inside a running slice counted 50 ns of it as on-CPU; the kernel's CPU time for
+    # the slice was 30 ns less, recharged to the run queue when it closed (within the span).
+    a = _snap(ts=100, on=1000, rq=10, blk=0)
+    b = _snap(ts=200, on=970, rq=50, blk=90)
+    s = span_sched(a, b)
+    assert (s.on_cpu_ns, s.run_queue_ns, s.blocked_ns) == (0, 10, 90)
+    assert s.on_cpu_ns + s.run_queue_ns + s.blocked_ns == s.wall_ns
+
+
 def test_span_sched_rejects_mismatched_snapshots():
     with pytest.raises(ValueError):
         span_sched(_snap(tid=1), _snap(tid=2))

@@ -228,7 +228,20 @@ def span_sched(entry: ThreadSnapshot, exit: ThreadSnapshot,
         raise ValueError(f"snapshots of different threads: {entry.tid} and {exit.tid}")
     if exit.ts < entry.ts:
         raise ValueError("exit snapshot taken before entry snapshot")
-    on_cpu = max(0, exit.on_cpu_ns - entry.on_cpu_ns)
+    on_cpu = exit.on_cpu_ns - entry.on_cpu_ns
+    run_queue = max(0, exit.run_queue_ns - entry.run_queue_ns)
+    blocked = max(0, exit.blocked_ns - entry.blocked_ns)
+    if on_cpu < 0:
+        # A snapshot counts the running slice it is taken in as on-CPU up to `now`; when the
+        # slice closes, the kernel's own CPU time may be less (the hypervisor or interrupts
+        # took some), and the difference is recharged as run-queue time. Seen from the
+        # span, that recharge belongs before its entry: take it back out, so the buckets
+        # still partition the span's wall time.
+        deficit = -on_cpu
+        on_cpu = 0
+        take = min(deficit, run_queue)
+        run_queue -= take
+        blocked = max(0, blocked - (deficit - take))
     cpus = {entry.cpu, exit.cpu}
     for c, (a, b) in enumerate(zip(entry.cpu_runs, exit.cpu_runs)):
         if a != b:
@@ -238,8 +251,8 @@ def span_sched(entry: ThreadSnapshot, exit: ThreadSnapshot,
                + [s.total for s in rss_samples if entry.ts <= s.ts <= exit.ts])
     return SpanSched(
         on_cpu_ns=on_cpu,
-        run_queue_ns=max(0, exit.run_queue_ns - entry.run_queue_ns),
-        blocked_ns=max(0, exit.blocked_ns - entry.blocked_ns),
+        run_queue_ns=run_queue,
+        blocked_ns=blocked,
         voluntary_switches=_delta(entry.voluntary, exit.voluntary, 32),
         involuntary_switches=_delta(entry.involuntary, exit.involuntary, 32),
         migrations=_delta(entry.migrations, exit.migrations, 32),
