@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry
 # frame is still reported, counted as cut at attach). So no call can show an entry without its
 # exit, and none that ends while the tracer attaches goes uncounted.
 ATTACH_ORDER = {"exit": 0, "eval-return": 0, "eval-entry": 1, "entry": 1}
+_LOCAL_INCLUDE = re.compile(r'#include "([a-z_]+\.h)"')
 _PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp"}
 
 
@@ -88,14 +90,45 @@ class Attached:
     attach_s: float = 0.0
 
 
-def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
-            verify_frame_register: bool = False) -> list[str]:
-    flags = [f"-DTARGET_TGID={pid}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DPY_MINOR={version[1]}"]
+def layout_cflags(pid: int, layout: Layout, version: tuple[int, int, int]) -> list[str]:
+    """What bpf/pyframe.h needs: the target and its layout as OFF_* macros."""
+    flags = [f"-DTARGET_TGID={pid}", f"-DPY_MINOR={version[1]}"]
     for name, value in layout.to_dict().items():
         if isinstance(value, int):
             flags.append(f"-DOFF_{name.upper()}={value}")
     match = layout.code_qualname if version[:2] >= (3, 11) else layout.code_name
     flags.append(f"-DOFF_CODE_MATCH_NAME={match}")
+    return flags
+
+
+def bpf_source(name: str) -> str:
+    """A program of bpf/ with its local headers spliced in: bcc rewrites map calls
+    (`map.lookup(...)`) only in the text it is given, never in an #included file."""
+    out = []
+    for line in (BPF_DIR / name).read_text().splitlines(keepends=True):
+        m = _LOCAL_INCLUDE.match(line)
+        out.append(bpf_source(m.group(1)) if m else line)
+    return "".join(out)
+
+
+def fill_names(bpf, rules: list[NameRule]) -> None:
+    """The spec's functions, as bpf/pyframe.h's classify() looks them up."""
+    names = bpf[b"names"]
+    slots: dict[int, int] = {}
+    for r in rules:
+        h = r.key_hash()
+        slot = slots.get(h, 0)
+        if slot >= 4:
+            raise TraceError(f"more than 4 spec functions share the name {r.match_name!r}")
+        slots[h] = slot + 1
+        k = names.Key(h, slot, 0)
+        suffix = r.suffix.encode()
+        names[k] = names.Leaf(r.target_id, len(suffix), fnv(suffix), r.firstlineno, int(r.exact))
+
+
+def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
+            verify_frame_register: bool = False) -> list[str]:
+    flags = layout_cflags(pid, layout, version) + [f"-DRINGBUF_PAGES={RINGBUF_PAGES}"]
     if version[:2] in ((3, 9), (3, 10)):
         flags.append("-DPY_EVAL_FRAME")
     if version[:2] == (3, 11):
@@ -135,7 +168,7 @@ class CaptureEngine:
         self._events: list[RawEvent] = []
         self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
         self._closed = False
-        text = (BPF_DIR / "capture.c").read_text()
+        text = bpf_source("capture.c")
         lines = sorted({handler_for(s)[1] for s in plan.sites} - {""})
         text += "\n" + "\n".join(lines) + "\n"
         if with_sched:
@@ -178,17 +211,7 @@ class CaptureEngine:
     # ---- setup ------------------------------------------------------------------------
     def _fill_maps(self, rules: list[NameRule]) -> None:
         self.bpf[b"attaching"][ctypes.c_int(0)] = ctypes.c_uint(1)
-        names = self.bpf[b"names"]
-        slots: dict[int, int] = {}
-        for r in rules:
-            h = r.key_hash()
-            slot = slots.get(h, 0)
-            if slot >= 4:
-                raise TraceError(f"more than 4 spec functions share the name {r.match_name!r}")
-            slots[h] = slot + 1
-            k = names.Key(h, slot, 0)
-            suffix = r.suffix.encode()
-            names[k] = names.Leaf(r.target_id, len(suffix), fnv(suffix), r.firstlineno, int(r.exact))
+        fill_names(self.bpf, rules)
         targets = self.bpf[b"targets"]
         for t in self.spec.targets:
             cfg = targets.Leaf()
