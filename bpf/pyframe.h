@@ -70,6 +70,14 @@ static __always_inline u64 str_len(u64 obj) {
     return n;
 }
 
+#define NOT_CACHED 0xffffffffu
+/* classify()'s fast half: the target id if this code object is cached, else NOT_CACHED. */
+static __always_inline u32 classify_cached(u64 code) {
+    u64 name_obj = read_ptr(code + OFF_CODE_MATCH_NAME);
+    struct code_info *ci = code_cache.lookup(&code);
+    return ci && ci->name_obj == name_obj ? ci->target_id : NOT_CACHED;
+}
+
 /* Is this code object a target? Cached per code address; a cached entry is trusted only
  * while the code still points at the same name object (code memory gets reused). */
 static __always_inline u32 classify(u64 code, u32 *flags) {

@@ -30,8 +30,13 @@ def _print_result(res, as_json: bool) -> None:
     drops = f"{c['dropped']:,}"
     if c.get("dropped"):
         drops += f" ({c.get('dropped_entries', 0):,} entries, {c.get('dropped_exits', 0):,} exits)"
-    click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
-               f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
+    if res.mode == "sampled":
+        click.echo(f"\nsamples of the target: {c['samples']:,} on CPU, {c['switch_outs']:,} switches out "
+                   f"({c['walks']:,} stacks walked, {c['truncated']:,} deeper than the walk); "
+                   f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
+    else:
+        click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
+                   f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
     unseen = c.get("stack_overflow", 0) + c.get("eval_returns_lost", 0)
     if unseen:
         click.echo(f"exits the kernel could not pair: {unseen:,} (frames nested deeper than the per-thread "
@@ -82,11 +87,16 @@ def _enricher_line(name: str, summary: dict) -> str:
               help="Add NVML GPU utilisation and memory to each span; without a GPU one line says why.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
               help="With --sched: write the per-cycle resource profile (JSON) here.")
+@click.option("--mode", type=click.Choice(["exact", "sampled"]), default="exact", show_default=True,
+              help="exact: every call, by probes in the interpreter; sampled: stack samples at a fixed, "
+                   "small cost (spans estimated, boundary uncertainty stated).")
+@click.option("--hz", type=click.IntRange(1, 20_000), default=None,
+              help="With --mode sampled: samples per second per CPU (default 999).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_endpoint, duration, sched, gpu,
-              profile_path, as_json, no_status, command):
+              profile_path, mode, hz, as_json, no_status, command):
     """Attach to Python processes and turn the spec's functions into spans.
 
     \b
@@ -97,6 +107,7 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
       sudo ophamin-trace --match 'gunicorn.*app:' --follow -f app.views:index --otlp-endpoint http://127.0.0.1:4318
       sudo ophamin-trace --spec reference -o spans.jsonl -- python -m tracer.reference --cycles 10
       sudo ophamin-trace --pid 4242 --sched --profile profile.json -o spans.jsonl
+      sudo ophamin-trace --pid 4242 --mode sampled --hz 499 -o spans.jsonl
     Stops on Ctrl-C, SIGTERM, --duration, or when the targets exit (with --follow: only on
     the first three); always detaches, flushes, and prints a per-span table per process
     (count, median, p10, p90, max).
@@ -114,6 +125,10 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
         raise click.UsageError("--follow needs --match REGEX")
     if profile_path and not sched:
         raise click.UsageError("--profile needs --sched (the profile is measured by the scheduler programs)")
+    if hz is not None and mode != "sampled":
+        raise click.UsageError("--hz needs --mode sampled")
+    if sched and mode == "sampled":
+        raise click.UsageError("--sched needs --mode exact (sampled spans carry their time off CPU already)")
     request = SpecRequest(spec_name, tuple(functions), tuple(modules))
     request.base()  # a bad spec or -f is reported before a command is launched
     pids = list(pid)
@@ -125,7 +140,8 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
     # Spans stream to the exporters and the table is kept in fixed memory, so a trace can run
     # for days (tracer/report/running_stats.py); only --profile needs the spans themselves.
     opts = TraceOptions(output=output, otlp_endpoint=otlp_endpoint, duration=duration, status=not no_status,
-                        with_sched=sched, enrichers=("gpu",) if gpu else (), keep_spans=bool(profile_path))
+                        with_sched=sched, enrichers=("gpu",) if gpu else (), keep_spans=bool(profile_path),
+                        mode=mode, **({"hz": hz} if hz else {}))
     try:
         fleet = trace_processes(pids, request, opts, match=match, follow=follow, log=stderr_log,
                                 on_attached=(lambda _c: launched.resume()) if launched else None)
@@ -209,8 +225,11 @@ def probes_cmd(pid, as_json):
               help="Run the substrate's GPU step (where a GPU and CuPy or PyTorch exist) and add GPU data to spans.")
 @click.option("--sched/--no-sched", default=False, show_default=True,
               help="Add scheduler and memory attributes; write the per-cycle profile.json.")
+@click.option("--mode", type=click.Choice(["exact", "sampled"]), default="exact", show_default=True,
+              help="sampled: check that every step of >= 20 ms is found and its total time is within 5%.")
+@click.option("--hz", type=click.IntRange(1, 20_000), default=None, help="With --mode sampled: samples/s per CPU.")
 @click.option("--json", "as_json", is_flag=True)
-def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, sched, as_json):
+def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, sched, mode, hz, as_json):
     """Run the reference substrate with its in-process emitter, trace it, and check parity.
 
     \b
@@ -218,10 +237,13 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, sched, as_j
       sudo ophamin-trace validate --cycles 30
       sudo ophamin-trace validate --python /usr/bin/python3.11 --json
       sudo ophamin-trace validate --sched --cycles 10 --cycle-ms 200
+      sudo ophamin-trace validate --mode sampled --cycles 6 --cycle-ms 2500
     Exit 0 when the eBPF spans match the emitter's within thresholds, 1 otherwise.
     """
+    if sched and mode == "sampled":
+        raise click.UsageError("--sched needs --mode exact")
     res = run_validate(cycles, cycle_ms, python or sys.executable, Path(out_dir), max_p99_us, with_sched=sched,
-                       gpu=gpu)
+                       gpu=gpu, mode=mode, hz=hz)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -238,7 +260,9 @@ def validate_cmd(cycles, cycle_ms, python, out_dir, max_p99_us, gpu, sched, as_j
 
 
 def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us: float,
-                 with_sched: bool = False, gpu: bool = False) -> dict:
+                 with_sched: bool = False, gpu: bool = False, mode: str = "exact", hz: int | None = None) -> dict:
+    """Run the reference substrate with its emitter on, trace it, compare the two views.
+    `mode="sampled"` compares stack-sampled spans (tracer/compare/sampled.py) instead."""
     from .compare.parity import Thresholds, compare  # noqa: PLC0415
     from .otlpjson import read_spans  # noqa: PLC0415
     from .session import run_trace  # noqa: PLC0415
@@ -257,17 +281,28 @@ def run_validate(cycles: int, cycle_ms: int, python: str, out: Path, max_p99_us:
             env=env, stdout=subprocess.PIPE, text=True)
     except OSError as e:
         raise TraceError(f"cannot run {python}: {e.strerror}") from None
-    first = proc.stdout.readline()
-    if not first:
-        raise TraceError(f"the reference substrate did not start under {python}")
-    res = run_trace(proc.pid, load_spec("reference"), output=str(ebpf), status=False, with_sched=with_sched,
-                    enrichers=("gpu",) if gpu else (), on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1))
+    try:
+        if not proc.stdout.readline():
+            raise TraceError(f"the reference substrate did not start under {python}")
+        res = run_trace(proc.pid, load_spec("reference"), output=str(ebpf), status=False, with_sched=with_sched,
+                        enrichers=("gpu",) if gpu else (),
+                        on_attached=lambda _e: os.kill(proc.pid, signal.SIGUSR1), mode=mode,
+                        **({"hz": hz} if hz else {}))
+    except BaseException:
+        proc.kill()  # it waits for the attach signal: never leave it behind
+        proc.wait()
+        raise
     proc.wait()  # the emitter flushes its file at exit
-    report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
+    if mode == "sampled":
+        from .compare.sampled import compare_sampled  # noqa: PLC0415
+
+        report = compare_sampled(read_spans(str(hooks)), read_spans(str(ebpf)))
+    else:
+        report = compare(read_spans(str(hooks)), read_spans(str(ebpf)), Thresholds(max_p99_us=max_p99_us))
     steps = step_timing_ms(res.stats)
     out_d = {"passed": report.passed and proc.returncode == 0, "parity": report.to_dict(),
              "parity_text": report.format(), "per_step_timing": steps, "trace": res.to_dict(),
-             "hooks": str(hooks), "ebpf": str(ebpf), "python": python}
+             "hooks": str(hooks), "ebpf": str(ebpf), "python": python, "mode": mode}
     if with_sched:
         from .correlate.profile import write_profile  # noqa: PLC0415
 

@@ -68,6 +68,25 @@ class Clock:
         return mono_ns + self.offset
 
 
+class ThreadNames:
+    """A target's thread names by TID, read once from /proc ("" once the thread is gone)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._names: dict[int, str] = {}
+
+    def __call__(self, tid: int) -> str:
+        name = self._names.get(tid)
+        if name is None:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                name = ""
+            self._names[tid] = name
+        return name
+
+
 @dataclass
 class _Open:
     target: Target
@@ -116,19 +135,9 @@ class Assembler:
         self.unreadable = 0
         self.hits: Counter[str] = Counter()
         self._argnames: dict[int, tuple[str, ...]] = {}
-        self._thread_names: dict[int, str] = {}
+        self._thread_name = ThreadNames(pid)
 
     # ---- helpers ------------------------------------------------------------------------
-    def _thread_name(self, tid: int) -> str:
-        name = self._thread_names.get(tid)
-        if name is None:
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                    name = f.read().strip()
-            except OSError:
-                name = ""
-            self._thread_names[tid] = name
-        return name
 
     def _arg_names(self, code: int) -> tuple[str, ...]:
         """Parameter names of a code object, read once from the target (read-only)."""

@@ -111,6 +111,38 @@ def bpf_source(name: str) -> str:
     return "".join(out)
 
 
+def resolve_target(pid: int, spec: Spec) -> tuple[Interpreter, Layout, list[NameRule], list[str]]:
+    """The target's interpreter, its layout, and the name rules of the spec's functions there."""
+    interp = find_interpreter(pid)
+    layout = layout_for(interp.host_path, interp.version, interp.build_id)
+    rules: list[NameRule] = []
+    warnings: list[str] = []
+    for t in spec.targets:
+        r, w = rules_for(t, pid, interp.version)
+        rules += r
+        warnings += w
+    return interp, layout, rules, warnings
+
+
+def classify_live(pid: int, info: Attached, code: int) -> tuple[int, int, int]:
+    """bpf/pyframe.h's classify(), done here on the target's memory (read-only): the target
+    id of a code object (0: none), its (qual)name object and its co_flags (0, 0, 0 if the
+    object cannot be read)."""
+    lay = info.layout
+    mem = _Mem(pid)
+    try:
+        name_obj = mem.u64(code + (lay.code_qualname if info.interp.version >= (3, 11) else lay.code_name))
+        name = _read_str(mem, lay, name_obj)
+        filename = _read_str(mem, lay, mem.u64(code + lay.code_filename))
+        line = mem.u32(code + lay.code_firstlineno)
+        co_flags = mem.u32(code + lay.code_flags)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0, 0, 0
+    finally:
+        mem.close()
+    return next((r.target_id for r in info.rules if r.matches(name, filename, line)), 0), name_obj, co_flags
+
+
 def fill_names(bpf, rules: list[NameRule]) -> None:
     """The spec's functions, as bpf/pyframe.h's classify() looks them up."""
     names = bpf[b"names"]
@@ -154,16 +186,8 @@ class CaptureEngine:
         self.pid = pid
         self.spec = spec
         self.with_sched = with_sched
-        interp = find_interpreter(pid)
-        image = open_image(interp.host_path)
-        layout = layout_for(interp.host_path, interp.version, interp.build_id)
-        plan = plan_for(image, interp.version, layout)
-        rules: list[NameRule] = []
-        warnings: list[str] = []
-        for t in spec.targets:
-            r, w = rules_for(t, pid, interp.version)
-            rules += r
-            warnings += w
+        interp, layout, rules, warnings = resolve_target(pid, spec)
+        plan = plan_for(open_image(interp.host_path), interp.version, layout)
         self.info = Attached(interp, layout, plan, rules, warnings)
         self._events: list[RawEvent] = []
         self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
@@ -231,7 +255,8 @@ class CaptureEngine:
         if self.info.plan.strategy != "resume-handlers":
             stacks = self.bpf[b"stacks"]
             for th in threads:
-                running = [f for f, code in reversed(th.chain) if self._classify_live(code)]  # outermost first
+                # outermost first
+                running = [f for f, code in reversed(th.chain) if classify_live(self.pid, self.info, code)[0]]
                 if running:
                     st = stacks.Leaf()
                     st.depth = len(running)
@@ -245,25 +270,10 @@ class CaptureEngine:
             if th.native_thread_id > 0:
                 tstates[ctypes.c_uint(th.native_thread_id)] = ctypes.c_ulonglong(th.tstate)
             for frame, code in th.chain:
-                target_id = self._classify_live(code)
+                target_id = classify_live(self.pid, self.info, code)[0]
                 if target_id:
                     open_frames[ctypes.c_ulonglong(frame)] = open_frames.Leaf(code, target_id, 0)
         return len(threads)
-
-    def _classify_live(self, code: int) -> int:
-        """The kernel's classification of one code object, done here on the target's memory."""
-        lay = self.info.layout
-        mem = _Mem(self.pid)
-        try:
-            name = _read_str(mem, lay, mem.u64(code + (lay.code_qualname if self.info.interp.version >= (3, 11)
-                                                           else lay.code_name)))
-            filename = _read_str(mem, lay, mem.u64(code + lay.code_filename))
-            line = mem.u32(code + lay.code_firstlineno)
-        except (OSError, ValueError, UnicodeDecodeError):
-            return 0
-        finally:
-            mem.close()
-        return next((r.target_id for r in self.info.rules if r.matches(name, filename, line)), 0)
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven

@@ -162,17 +162,20 @@ class TaskOffsets:
     tgid: int
     sum_exec_runtime: int
     last_arrival: Optional[int] = None  # sched_info.last_arrival; absent without CONFIG_SCHED_INFO
+    fsbase: Optional[int] = None  # thread.fsbase (x86-64): the thread pointer, = pthread_self()
 
     def cflags(self) -> List[str]:
         flags = [f"-DTASK_PID_OFF={self.pid}", f"-DTASK_TGID_OFF={self.tgid}",
                  f"-DTASK_SUM_EXEC_OFF={self.sum_exec_runtime}"]
         if self.last_arrival is not None:
             flags.append(f"-DTASK_ARRIVAL_OFF={self.last_arrival}")
+        if self.fsbase is not None:
+            flags.append(f"-DTASK_FSBASE_OFF={self.fsbase}")
         return flags
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "tgid": self.tgid, "sum_exec_runtime": self.sum_exec_runtime,
-                "last_arrival": self.last_arrival}
+                "last_arrival": self.last_arrival, "fsbase": self.fsbase}
 
 
 def task_offsets_from(btf: Btf) -> TaskOffsets:
@@ -189,7 +192,12 @@ def task_offsets_from(btf: Btf) -> TaskOffsets:
         arrival, arrival_size = btf.offset("task_struct", "sched_info.last_arrival")
     except BtfError:
         arrival, arrival_size = None, 8
-    return TaskOffsets(pid, tgid, sum_exec, arrival if arrival_size == 8 else None)
+    try:
+        fsbase, fsbase_size = btf.offset("task_struct", "thread.fsbase")
+    except BtfError:  # not x86-64
+        fsbase, fsbase_size = None, 8
+    return TaskOffsets(pid, tgid, sum_exec, arrival if arrival_size == 8 else None,
+                       fsbase if fsbase_size == 8 else None)
 
 
 @lru_cache(maxsize=1)
