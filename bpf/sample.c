@@ -46,6 +46,8 @@ struct sample {
     u16 flags;
     u16 targets;    /* frames running a spec function */
     u64 ptr;        /* the thread pointer (pthread_self()): user space's key to the thread state */
+    u64 prev_seen;  /* the last moment before this one its stack was known (walked, or back on
+                     * a CPU after a walked switch-out), reported or not: a start's lower bound */
     struct ent e[SAMPLE_DEPTH];
 };
 #define SAMPLE_HEAD __builtin_offsetof(struct sample, e)
@@ -54,7 +56,8 @@ struct thread_st {
     u32 had_targets; /* the last walk found spec functions (an empty stack is then reported) */
     u32 off_pending; /* a K_OFF_CPU was reported: report the K_BACK */
     u32 reported;    /* its first walk is always reported: user space then knows it was seen */
-    u32 pad;
+    u32 off_walked;  /* its last switch-out was walked: the stack is known until it runs again */
+    u64 last_seen;   /* see struct sample.prev_seen */
 };
 
 BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
@@ -165,6 +168,7 @@ static __always_inline struct sample *start(u32 tid, u16 kind, u64 now, u64 task
     struct sample *s = scratch.lookup(&z);
     if (!s) return 0;
     s->ptr = 0;
+    s->prev_seen = 0;
     bpf_probe_read_kernel(&s->ptr, sizeof(s->ptr), (void *)(task + TASK_FSBASE_OFF));
     s->ts = now;
     s->tid = tid;
@@ -193,6 +197,7 @@ static __always_inline void sample_current(u32 tid, u16 kind, u64 now) {
     if (kind == K_OFF_CPU && tat - now > WALK_BURST * MIN_WALK_GAP_NS) {
         /* Over budget: no walk; user space takes its last stack for this one. */
         count(C_WALKS_SKIPPED);
+        st->off_walked = 0;
         if (!st->had_targets) return;
         s->flags |= F_NO_STACK;
         st->off_pending = 1;
@@ -201,6 +206,9 @@ static __always_inline void sample_current(u32 tid, u16 kind, u64 now) {
     }
     if (!walk(s)) return;
     if (kind == K_OFF_CPU) st->tat = tat + MIN_WALK_GAP_NS;
+    s->prev_seen = st->last_seen;
+    st->last_seen = now;
+    st->off_walked = kind == K_OFF_CPU;
     u32 targets = s->targets;
     if (!targets && !st->had_targets && st->reported) return; /* nothing was, nothing is */
     st->reported = 1;
@@ -235,11 +243,11 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     struct thread_st *st = threads.lookup(&tid);
     if (!st) {
         /* Not on a CPU since attach: it comes back with the stack user space read at attach. */
-        struct thread_st fresh = {};
+        struct thread_st fresh = {.last_seen = now};
         threads.update(&tid, &fresh);
-    } else if (!st->off_pending) {
-        return 0;
     } else {
+        if (st->off_walked) st->last_seen = now; /* the stack walked when it left still holds */
+        if (!st->off_pending) return 0;
         st->off_pending = 0;
     }
     struct sample *s = start(tid, K_BACK, now, ctx->args[2]);

@@ -126,6 +126,14 @@ def test_assembly_midpoints_parents_and_uncertainty():
     assert not a.losses().cut_at_attach
 
 
+def test_assembly_starts_from_the_last_walk_the_kernel_did_not_report():
+    a = SampleAssembler(ASM_SPEC, 1)
+    a.seed({0x70: ()}, 0)
+    spans = a.feed([_s(1000), RawSample(5000, 7, K_ON_CPU, 0, 0, 0x70, ((STEP, 0xB, 1),), prev_seen=4000),
+                    _s(6000)])
+    assert [(s.start_ns - a.clock.offset, s.end_ns - a.clock.offset) for s in spans] == [(4500, 5500)]
+
+
 def test_assembly_splits_calls_at_one_frame_by_their_arguments():
     a = SampleAssembler(ASM_SPEC, 1)
     a.seed({0x70: ()}, 0)

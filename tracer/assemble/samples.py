@@ -92,6 +92,11 @@ class SampleAssembler:
                 if stack is not None and s.ts >= self.seed_ns:
                     self._observe(th, s.tid, self.seed_ns, tuple(h for h in stack if h[0] in self.targets), out)
                     th.off_since, th.seeded = self.seed_ns, s.kind == K_BACK
+                elif s.kind == K_BACK:
+                    # Its first time on a CPU since attach, with no stack read then: a thread
+                    # started after attach, which has run no Python yet.
+                    self._observe(th, s.tid, s.ts, (), out)
+                    continue
             if s.kind == K_BACK:
                 if th.seeded or (th.off_since is not None and th.last_ts is not None
                                  and th.last_ts >= th.off_since):
@@ -111,10 +116,13 @@ class SampleAssembler:
                     th.off_since = None
                     continue
             self._observe(th, s.tid, s.ts, tuple(h for h in s.hits if h[0] in self.targets), out,
-                          on_cpu=s.kind == K_ON_CPU)
+                          on_cpu=s.kind == K_ON_CPU, seen=s.prev_seen)
         return out
 
-    def _observe(self, th: _Thread, tid: int, ts: int, stack, out: list[Span], on_cpu: bool = False) -> None:
+    def _observe(self, th: _Thread, tid: int, ts: int, stack, out: list[Span], on_cpu: bool = False,
+                 seen: int = 0) -> None:
+        """`seen`: the kernel last knew this thread's stack then (walks it did not report,
+        having nothing new to say, included): a tighter lower bound for what starts here."""
         present = {}
         for target, frame, call in stack:
             present[(target, frame)] = call
@@ -124,6 +132,7 @@ class SampleAssembler:
             # Gone, or another call at the same frame address (its parameters hold other objects).
             if call is None or (call and a.call and call != a.call):
                 out.append(self._close(th.open.pop(key), tid, ts))
+        before = th.last_ts if th.last_ts is None or seen <= th.last_ts or seen >= ts else seen
         parent: _Act | None = None
         for target, frame, call in reversed(stack):  # outermost first: a parent opens before its children
             key = (target, frame)
@@ -132,7 +141,7 @@ class SampleAssembler:
                 t = self.targets[target]
                 self.hits[t.name] += 1
                 a = _Act(t, _span_id(), parent.trace_id if parent else _trace_id(),
-                         parent.span_id if parent else "", th.last_ts, ts, ts, call)
+                         parent.span_id if parent else "", before, ts, ts, call)
                 if th.last_ts is None:
                     self.cut_at_attach[t.name] += 1
                 th.open[key] = a

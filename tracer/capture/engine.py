@@ -129,7 +129,10 @@ def classify_live(pid: int, info: Attached, code: int) -> tuple[int, int, int]:
     id of a code object (0: none), its (qual)name object and its co_flags (0, 0, 0 if the
     object cannot be read)."""
     lay = info.layout
-    mem = _Mem(pid)
+    try:
+        mem = _Mem(pid)
+    except OSError:  # the target is gone
+        return 0, 0, 0
     try:
         name_obj = mem.u64(code + (lay.code_qualname if info.interp.version >= (3, 11) else lay.code_name))
         name = _read_str(mem, lay, name_obj)

@@ -36,7 +36,7 @@ COUNTERS = ("samples", "walks", "frames_read", "no_tstate", "read_faults", "clas
 K_ON_CPU, K_OFF_CPU, K_BACK = 1, 2, 3
 F_TRUNCATED, F_NO_STACK = 1, 2
 NOT_CACHED = 0xFFFFFFFF  # bpf/pyframe.h: the kernel's cache does not know this code object yet
-_HEAD = struct.Struct("<QIHHIHHQ")
+_HEAD = struct.Struct("<QIHHIHHQQ")
 _ENT = struct.Struct("<QQQII")
 THREADS_EVERY_S = 0.2  # how often /proc/PID/task is compared with the thread states known
 THREADS_FULL_S = 1.0  # how often the thread list is walked even when /proc/PID/task looks the same
@@ -52,6 +52,7 @@ class RawSample:
     ptr: int  # the thread pointer (pthread_self(), a thread state's thread_id)
     # (target_id, frame address, call key) of the spec functions on the stack, innermost first
     hits: tuple[tuple[int, int, int], ...]
+    prev_seen: int = 0  # the thread's stack was last known before this at this time (0: never)
 
 
 class SampleEngine:
@@ -134,7 +135,10 @@ class SampleEngine:
             return
         self._tasks = tasks
         self._walked = now
-        threads = walk_threads_live(self.pid, self.info.layout, self._runtime)
+        try:
+            threads = walk_threads_live(self.pid, self.info.layout, self._runtime)
+        except OSError:
+            return  # gone: the loop notices
         table = self.bpf[b"tstates"]
         if force:  # at attach: what each thread runs now, for threads not on a CPU until later
             self.seed_ns = time.monotonic_ns()
@@ -158,7 +162,7 @@ class SampleEngine:
 
     # ---- streaming --------------------------------------------------------------------
     def _decode(self, raw: bytes) -> RawSample:
-        ts, tid, kind, n, cpu, flags, _targets, ptr = _HEAD.unpack_from(raw, 0)
+        ts, tid, kind, n, cpu, flags, _targets, ptr, prev_seen = _HEAD.unpack_from(raw, 0)
         hits = []
         for frame, code, call, target, _ in _ENT.iter_unpack(raw[_HEAD.size:_HEAD.size + n * _ENT.size]):
             if target == NOT_CACHED:
@@ -166,7 +170,7 @@ class SampleEngine:
                 call = 0  # not keyed in the kernel: this sample does not split or join its calls
             if target:
                 hits.append((target, frame, call))
-        return RawSample(ts, tid, kind, cpu, flags, ptr, tuple(hits))
+        return RawSample(ts, tid, kind, cpu, flags, ptr, tuple(hits), prev_seen)
 
     def _classify(self, code: int) -> int:
         """A code object the kernel's cache did not know: classified here from the target's
