@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,11 +280,14 @@ def test_doctor_gives_the_same_reason():
 def test_trace_with_gpu_on_a_machine_without_one(ebpf, tmp_path):
     """A real trace of a real process with --gpu: it succeeds, and one line says why there is
     no GPU data, the same reason doctor gives."""
-    target = subprocess.Popen([sys.executable, "-m", "tracer.reference", "--cycles", "400"],
+    # A minute of cycles, killed at the end: two traces and their attaches take a while on a
+    # loaded machine. Its per-cycle lines are read away so it never blocks on a full pipe.
+    target = subprocess.Popen([sys.executable, "-m", "tracer.reference", "--cycles", "3000"],
                               stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         pid = json.loads(target.stdout.readline())["pid"]
+        threading.Thread(target=target.stdout.read, daemon=True).start()
         out = tmp_path / "spans.jsonl"
         cmd = [sys.executable, "-m", "tracer.cli", "trace", "--pid", str(pid), "--duration", "2", "--no-status",
                "-o", str(out)]
