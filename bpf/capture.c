@@ -163,8 +163,24 @@ static __always_inline void capture_args(struct event *e, u64 frame, u32 target_
         a->obj = read_ptr(frame + OFF_FRAME_LOCALSPLUS + idx * 8);
         a->type = a->obj ? read_ptr(a->obj + OFF_OBJECT_TYPE) : 0;
         if (a->obj) {
-            bpf_probe_read_user(a->head, sizeof(a->head), (void *)(a->obj + 16));
-            bpf_probe_read_user(a->data, sizeof(a->data), (void *)(a->obj + OFF_ASCII_DATA));
+            /* An object at the end of its pool may end where the next page was never touched:
+             * a read past the object then fails whole. Read less until it succeeds, and say how
+             * much was read (bits 56+ of type), so a value is never decoded from missing bytes. */
+            u64 got = sizeof(a->head);
+            if (bpf_probe_read_user(a->head, sizeof(a->head), (void *)(a->obj + 16)) != 0) {
+                got = 16;
+                if (bpf_probe_read_user(a->head, 16, (void *)(a->obj + 16)) != 0) {
+                    got = 8;
+                    if (bpf_probe_read_user(a->head, 8, (void *)(a->obj + 16)) != 0) got = 0;
+                }
+            }
+            if (a->type == STR_TYPE && got == sizeof(a->head)) {
+                /* Only its characters: the bytes after a short string may be unreadable. */
+                u64 len = *(u64 *)(a->head + (OFF_UNICODE_LENGTH - 16));
+                u32 m = len > sizeof(a->data) ? sizeof(a->data) : (u32)len;
+                if (m && bpf_probe_read_user(a->data, m, (void *)(a->obj + OFF_ASCII_DATA)) != 0) got = 0;
+            }
+            a->type |= got << 56;
         }
         e->nargs = i + 1;
     }

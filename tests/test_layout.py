@@ -318,3 +318,24 @@ def test_live_check_on_missing_process():
     proc.wait()
     with pytest.raises(TargetGone):
         verify_layout_live(proc.pid, layout_from_table((3, 11, 2)), 0x1000)
+
+
+def test_argument_values_are_never_decoded_from_bytes_not_read():
+    """bpf/capture.c says in bits 56+ of the type how much of an object it could read (an
+    object at the end of its pool may border an untouched page): what needs more is
+    unreadable, never a zero."""
+    import struct
+
+    from tracer.assemble.values import UNREADABLE, TypeAddrs, decode
+
+    lib = pyenv_lib("3.12.1")
+    image = open_image(lib)
+    layout = layout_for(lib, (3, 12, 1), image.build_id())
+    types = TypeAddrs.of(image, 0)
+    int_type = next(a for a, n in types.by_addr.items() if n == "PyLong_Type")
+    head = struct.pack("<qI", 1 << 3, 42).ljust(32, b"\0")  # lv_tag: one digit, positive; digit 42
+    assert decode(0x1000, int_type | 32 << 56, head, b"", types, layout, False) == 42
+    assert decode(0x1000, int_type | 16 << 56, head, b"", types, layout, False) == 42
+    assert decode(0x1000, int_type | 8 << 56, head, b"", types, layout, False) is UNREADABLE
+    str_type = next(a for a, n in types.by_addr.items() if n == "PyUnicode_Type")
+    assert decode(0x1000, str_type | 0 << 56, b"\0" * 32, b"c137", types, layout, False) is UNREADABLE

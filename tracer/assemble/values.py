@@ -38,7 +38,19 @@ class TypeAddrs:
 
 def decode(obj: int, typ: int, head: bytes, data: bytes, types: TypeAddrs, layout: Layout,
            length: bool) -> object:
-    """The Python value (or its len()) of one captured argument; _UNREADABLE if unsupported."""
+    """The Python value (or its len()) of one captured argument; _UNREADABLE if unsupported.
+    `typ` carries, in bits 56+, how many bytes of `head` the kernel could read (bpf/capture.c);
+    a value that needs more is unreadable, never decoded from the zeros."""
+    got, typ = typ >> 56, typ & ((1 << 56) - 1)
+    head = head[:got]
+    try:
+        return _decode(obj, typ, head, data, types, layout, length)
+    except struct.error:  # fewer bytes than the value needs
+        return _UNREADABLE
+
+
+def _decode(obj: int, typ: int, head: bytes, data: bytes, types: TypeAddrs, layout: Layout,
+            length: bool) -> object:
     if obj == 0:
         return _UNREADABLE
     if obj == types.none:

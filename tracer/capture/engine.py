@@ -162,8 +162,9 @@ def fill_names(bpf, rules: list[NameRule]) -> None:
 
 
 def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
-            verify_frame_register: bool = False) -> list[str]:
-    flags = layout_cflags(pid, layout, version) + [f"-DRINGBUF_PAGES={RINGBUF_PAGES}"]
+            verify_frame_register: bool = False, str_type: int = 0) -> list[str]:
+    """`str_type`: PyUnicode_Type's address in the target (0: unknown, no string is read)."""
+    flags = layout_cflags(pid, layout, version) + [f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DSTR_TYPE={str_type}ULL"]
     if version[:2] in ((3, 9), (3, 10)):
         flags.append("-DPY_EVAL_FRAME")
     if version[:2] == (3, 11):
@@ -190,7 +191,10 @@ class CaptureEngine:
         self.spec = spec
         self.with_sched = with_sched
         interp, layout, rules, warnings = resolve_target(pid, spec)
-        plan = plan_for(open_image(interp.host_path), interp.version, layout)
+        image = open_image(interp.host_path)
+        plan = plan_for(image, interp.version, layout)
+        unicode_type = image.symbol("PyUnicode_Type")
+        str_type = unicode_type.value + interp.bias if unicode_type is not None else 0
         self.info = Attached(interp, layout, plan, rules, warnings)
         self._events: list[RawEvent] = []
         self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
@@ -206,7 +210,8 @@ class CaptureEngine:
         try:
             with out:
                 self.bpf = BPF(text=text.encode(),
-                               cflags=_cflags(pid, layout, interp.version, with_sched, verify_frame_register))
+                               cflags=_cflags(pid, layout, interp.version, with_sched, verify_frame_register,
+                                              str_type))
                 # Load (verify) every handler now, so a verifier log lands here, not on the terminal.
                 for fn in {handler_for(s)[0] for s in plan.sites}:
                     self.bpf.load_func(fn.encode(), BPF.KPROBE)
