@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,9 @@ def cycle_seconds(path: Path) -> list[float]:
 
 
 def untraced(python: str, cycles: int, cycle_ms: int, out: Path) -> list[float]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # The emitter on, as in the traced run (run_validate turns it on for parity): the two
+    # sides then differ by the tracer alone.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KIMERA_TELEMETRY_EMITTER_PATH=str(out.with_suffix(".hooks.jsonl")))
     subprocess.run([python, "-m", "tracer.reference", "--cycles", str(cycles), "--cycle-ms", str(cycle_ms),
                     "--out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
     return cycle_seconds(out)
@@ -53,15 +56,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--python", default=str(ROOT / ".cache" / "targets" / "pyenv-3.12.1" / "bin" / "python"))
     args = ap.parse_args()
-    base, traced, runs = [], [], []
+    base, traced, runs, tracer_cpu, pairs = [], [], [], [], []
     fd = _enable_bpf_stats()
     try:
         for r in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                base += untraced(args.python, args.cycles, args.cycle_ms, Path(tmp) / "cycles.jsonl")
+                b = untraced(args.python, args.cycles, args.cycle_ms, Path(tmp) / "cycles.jsonl")
+                base += b
+                cpu0 = time.process_time()
                 res = run_validate(args.cycles, args.cycle_ms, args.python, Path(tmp) / "v", 50.0,
                                    mode="sampled", hz=args.hz)
-                traced += cycle_seconds(Path(tmp) / "v" / "cycles.jsonl")
+                tracer_cpu.append((time.process_time() - cpu0) / res["trace"]["duration_s"])
+                t = cycle_seconds(Path(tmp) / "v" / "cycles.jsonl")
+                traced += t
+                pairs.append(statistics.median(t) / statistics.median(b) - 1)
                 c = res["trace"]["counters"]
                 runs.append({"parity": res["parity"], "counters": c, "duration_s": res["trace"]["duration_s"]})
                 print(f"run {r + 1}: {res['parity_text']}\n")
@@ -76,17 +84,21 @@ def main() -> None:
         "repeats": args.repeats,
         "untraced_cycle_s": {"median": mb, "n": len(base)}, "traced_cycle_s": {"median": mt, "n": len(traced)},
         "wall_overhead": mt / mb - 1,
+        "wall_overhead_per_repeat": pairs,  # each traced run against the untraced run just before it
         "kernel_ns_per_s": prog_ns / dur if dur else None,
+        "tracer_cpu_share": statistics.median(tracer_cpu),  # of one CPU, user + system, this process
         "kernel_ns_per_target_sample": prog_ns / samples if samples else None,
         "runs": runs,
         "passed": all(x["parity"]["passed"] for x in runs),
     }
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "sampled.json").write_text(json.dumps(out, indent=2))
-    print(f"median cycle: untraced {mb:.4f} s, traced {mt:.4f} s -> wall overhead {out['wall_overhead']:+.2%}")
+    print(f"median cycle: untraced {mb:.4f} s, traced {mt:.4f} s -> wall overhead {out['wall_overhead']:+.2%} "
+          f"(per repeat: {', '.join(f'{p:+.2%}' for p in pairs)})")
     print(f"kernel: {out['kernel_ns_per_s'] / 1e6:.3f} ms of program time per s of trace "
           f"({out['kernel_ns_per_s'] / 1e9:.3%} of one CPU), "
           f"{out['kernel_ns_per_target_sample'] / 1e3:.2f} µs per target sample or switch")
+    print(f"tracer process: {out['tracer_cpu_share']:.1%} of one CPU (attach and compile included)")
     print(f"parity: {'PASS' if out['passed'] else 'FAIL'} in every run; results/sampled.json")
 
 
