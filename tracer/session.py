@@ -102,7 +102,27 @@ class Capture(Protocol):
     def close(self) -> None: ...
 
 
-class ExactCapture:
+class _Assembled:
+    """What every mode shares: an engine that stops and detaches, an assembler that keeps the
+    open spans and the losses."""
+
+    engine: CaptureEngine | SampleEngine
+    assembler: Assembler | SampleAssembler
+
+    def drain(self) -> list[Span]:
+        return self.assembler.feed(self.engine.finish())  # probes detached first: counters final
+
+    def losses(self) -> Losses:
+        return self.assembler.losses()
+
+    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
+        return self.assembler.cut_spans(alive_mono_ns, reason)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ExactCapture(_Assembled):
     """Exact mode: a probe at every entry and exit of Python frames, filtered in the kernel."""
 
     def __init__(self, pid: int, spec: Spec, opts: TraceOptions) -> None:
@@ -133,26 +153,15 @@ class ExactCapture:
         self.sched.prune(self.assembler.open.values())
         return spans
 
-    def drain(self) -> list[Span]:
-        return self.assembler.feed(self.engine.finish())  # probes detached first: counters final
-
     def counters(self) -> dict[str, int]:
         c = self.engine.counters()
         if self.sched is not None:
             c.update(self.sched.counters())
         return c
 
-    def losses(self) -> Losses:
-        return self.assembler.losses()
-
-    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
-        return self.assembler.cut_spans(alive_mono_ns, reason)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
-class SampledCapture:
+class SampledCapture(_Assembled):
     """Sampled mode: no probe in the interpreter; each target thread's Python stack is walked
     in the kernel `hz` times a second while it runs, and whenever it leaves a CPU
     (tracer/capture/sampler.py); spans are estimated from the samples
@@ -179,23 +188,12 @@ class SampledCapture:
         spans = self.assembler.feed(self.engine.poll(timeout_ms))
         return spans + self.assembler.end_threads(self.engine.live_tids())
 
-    def drain(self) -> list[Span]:
-        return self.assembler.feed(self.engine.finish())
-
     def counters(self) -> dict[str, int]:
         c = self.engine.counters()
         # The loop's status line and summary read these names.
         c.update(entry_hits=c["samples"], exit_hits=c["switch_outs"])
         return c
 
-    def losses(self) -> Losses:
-        return self.assembler.losses()
-
-    def cut_spans(self, alive_mono_ns: int, reason: str) -> list[Span]:
-        return self.assembler.cut_spans(alive_mono_ns, reason)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 # Capture modes by name: a factory (pid, spec, options) -> an attached Capture.

@@ -73,14 +73,14 @@ class SampleAssembler:
         self.threads: dict[int, _Thread] = {}
         self.seed_ns = 0
         self.seeds: dict[int, tuple] = {}
+        self.cut_at_attach: Counter[str] = Counter()
+        self.cut_at_detach: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
 
     def seed(self, stacks: dict[int, tuple], ts: int) -> None:
         """The stacks read from the target at attach (thread pointer -> stack), at `ts`: a
         thread's first observation when the kernel did not see it earlier."""
         self.seeds, self.seed_ns = dict(stacks), ts
-        self.cut_at_attach: Counter[str] = Counter()
-        self.cut_at_detach: Counter[str] = Counter()
-        self.hits: Counter[str] = Counter()
 
     def feed(self, samples: list[RawSample]) -> list[Span]:
         out: list[Span] = []
