@@ -28,7 +28,7 @@ from ..spec import Spec
 from .engine import MAX_EVENTS_PER_POLL, Attached, bpf_source, classify_live, fill_names, layout_cflags, resolve_target
 from .output import CapturedOutput
 
-RINGBUF_PAGES = 256  # 1 MiB: ~3,600 samples in flight
+RINGBUF_PAGES = 1024  # 4 MiB: ~1,200 samples of a 100-frame stack in flight, ~9,000 of a 13-frame one
 DEFAULT_HZ = 999  # off the round 1 kHz of timer ticks, so samples do not beat with them
 MAX_HZ = 20_000
 COUNTERS = ("samples", "walks", "frames_read", "no_tstate", "read_faults", "classified", "submitted",
