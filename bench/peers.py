@@ -687,7 +687,9 @@ def readme_table(res: dict) -> str:
         if per_call:
             lines += ["Per call, target CPU: " + "; ".join(per_call) + ".", ""]
     lines.append("n/a: sys.monitoring exists from 3.12; bcc's pythoncalls needs USDT probes, which these builds "
-                 "lack (on Debian's 3.11 it attaches and sees 0 calls); sampled mode is not in this build yet. "
+                 "lack (on Debian's 3.11 it attaches and sees 0 calls); sampled mode sees only calls long enough "
+                 "to be sampled (its share counts every true call, most far shorter than the 10 ms period at "
+                 "100 Hz; see [docs/sampled.md](docs/sampled.md)). "
                  "ophamin-trace's losses are ring-buffer drops, counted and reported: the rate ladder in "
                  "`results/peers.md` gives the event rate it sustains without loss.")
     return "\n".join(lines)
