@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracer.interpreters import find_interpreters, target_python  # noqa: E402
+from tracer.interpreters import default_target_python  # noqa: E402
 
 TARGET = r'''
 import sys, time
@@ -57,9 +57,7 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8)
     args = ap.parse_args()
     if args.python is None:
-        interps = {i.label: i for i in find_interpreters()}
-        interp = interps.get("pyenv-3.12.1") or next(iter(interps.values()))
-        args.python = target_python(interp, ROOT / ".cache" / "targets")
+        args.python = default_target_python(ROOT / ".cache" / "targets")
     spec = ROOT / "results" / "detach_speed.toml"
     spec.parent.mkdir(exist_ok=True)
     spec.write_text('[[span]]\nfunction = "__main__:work"\n')

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tracer.capture.engine import prog_stats  # noqa: E402
 from tracer.interpreters import find_interpreters, target_python  # noqa: E402
 from tracer.loop import TraceLoop  # noqa: E402
 from tracer.session import TraceOptions  # noqa: E402
@@ -126,7 +127,7 @@ def _timed_run(python: str, calls: int, spacing: int, spec) -> tuple[float, dict
                 wall = float(line)
         if loop is not None:
             loop.step(50)
-            progs = _prog_stats(next(iter(loop.live.values())).capture)
+            progs = prog_stats(next(iter(loop.live.values())).capture.engine.bpf)
             fleet = loop.close()
             res = fleet.targets[0]
             info = {"spans": assembled[0], "dropped": res.counters["dropped"], "handler": progs,
@@ -139,17 +140,6 @@ def _timed_run(python: str, calls: int, spacing: int, spec) -> tuple[float, dict
         if loop is not None:
             loop.close()
     return wall, info
-
-
-def _prog_stats(capture) -> dict:
-    """(run_cnt, run_time_ns) per BPF program: what the kernel handlers cost, whatever the load."""
-    out = {}
-    for name, fn in capture.engine.bpf.funcs.items():
-        info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
-                    if ":" in line)
-        out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)),
-                                                                   int(info.get("run_time_ns", 0)))
-    return out
 
 
 def _ready_line(p: subprocess.Popen) -> str:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from everyday import _enable_bpf_stats  # noqa: E402
 
 from tracer.commands import run_validate  # noqa: E402
+from tracer.interpreters import default_target_python  # noqa: E402
 
 
 def cycle_seconds(path: Path) -> list[float]:
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--cycle-ms", type=int, default=2500)
     ap.add_argument("--hz", type=int, default=999)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--python", default=str(ROOT / ".cache" / "targets" / "pyenv-3.12.1" / "bin" / "python"))
+    ap.add_argument("--python", default=default_target_python(ROOT / ".cache" / "targets"))
     args = ap.parse_args()
     base, traced, runs, tracer_cpu, pairs = [], [], [], [], []
     fd = _enable_bpf_stats()

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tracer.capture.engine import prog_stats  # noqa: E402
 from tracer.correlate.sched import SchedMonitor, program_misses, read_health  # noqa: E402
 from tracer.discover.process import is_alive  # noqa: E402
 from tracer.session import ExactCapture, TraceOptions  # noqa: E402
@@ -44,19 +45,6 @@ from tracer.spec import load_spec  # noqa: E402
 
 MODES = ("detached", "sched", "capture", "capture+sched")
 STATS_KNOB = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def prog_stats(bpf) -> dict:
-    """{program: (run_cnt, run_time_ns)} from each program fd's fdinfo (needs bpf_stats)."""
-    out = {}
-    for name, fn in bpf.funcs.items():
-        info = {}
-        for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
-            k, _, v = line.partition(":")
-            info[k.strip()] = v.strip()
-        n = name.decode() if isinstance(name, bytes) else name
-        out[n] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
-    return out
 
 
 def start_substrate(python: str, cycles: int, cycle_ms: int, out: str) -> subprocess.Popen:

@@ -41,16 +41,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracer.interpreters import find_interpreters, target_python  # noqa: E402
+from tracer.interpreters import default_target_python  # noqa: E402
 from tracer.otlpjson import decode_request  # noqa: E402
 
 CYCLE_MS = 1
 
 
 def _default_python() -> str:
-    interps = {i.label: i for i in find_interpreters()}
-    interp = interps.get("pyenv-3.12.1") or next(iter(interps.values()))
-    return target_python(interp, ROOT / ".cache" / "targets")
+    return default_target_python(ROOT / ".cache" / "targets")
 
 
 def _substrate(python: str, cycles: int, seed: int, out: Path, hooks: Path | None, wait: bool) -> subprocess.Popen:

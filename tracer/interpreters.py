@@ -75,6 +75,13 @@ def target_python(interp: Interpreter, venvs: Path) -> str:
     return str(exe) if exe.exists() else interp.path
 
 
+def default_target_python(venvs: Path) -> str:
+    """The benchmarks' default target: pyenv 3.12.1 where it exists, else the first found."""
+    interps = {i.label: i for i in find_interpreters()}
+    interp = interps.get("pyenv-3.12.1") or next(iter(interps.values()))
+    return target_python(interp, venvs)
+
+
 def make_venvs(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for interp in find_interpreters():

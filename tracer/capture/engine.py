@@ -146,6 +146,27 @@ def classify_live(pid: int, info: Attached, code: int) -> tuple[int, int, int]:
     return next((r.target_id for r in info.rules if r.matches(name, filename, line)), 0), name_obj, co_flags
 
 
+def prog_stats(bpf) -> dict[str, tuple[int, int]]:
+    """{program: (run_cnt, run_time_ns)}, the kernel's own accounting of each loaded program
+    (run time only while BPF stats are enabled: kernel.bpf_stats_enabled or BPF_ENABLE_STATS)."""
+    out = {}
+    for name, fn in bpf.funcs.items():
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        out[name.decode() if isinstance(name, bytes) else name] = (int(info.get("run_cnt", 0)),
+                                                                   int(info.get("run_time_ns", 0)))
+    return out
+
+
+def read_counters(bpf, names: tuple[str, ...]) -> dict[str, int]:
+    """A program's per-CPU `counters` array, summed over CPUs, by name."""
+    table = bpf[b"counters"]
+    return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(names)}
+
+
 def fill_names(bpf, rules: list[NameRule]) -> None:
     """The spec's functions, as bpf/pyframe.h's classify() looks them up."""
     names = bpf[b"names"]
@@ -372,10 +393,7 @@ class CaptureEngine:
                 self.bpf.uprobe_fds.pop(name, None)
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf[b"counters"]
-        out = {}
-        for i, name in enumerate(COUNTERS):
-            out[name] = int(sum(table[ctypes.c_int(i)]))
+        out = read_counters(self.bpf, COUNTERS)
         out["received_entries"], out["received_exits"] = self._received[True], self._received[False]
         return out
 

@@ -25,7 +25,17 @@ from ..discover.layout import walk_threads_live
 from ..discover.process import is_alive
 from ..errors import TargetGone, TraceError
 from ..spec import Spec
-from .engine import MAX_EVENTS_PER_POLL, Attached, bpf_source, classify_live, fill_names, layout_cflags, resolve_target
+from .engine import (
+    MAX_EVENTS_PER_POLL,
+    Attached,
+    bpf_source,
+    classify_live,
+    fill_names,
+    layout_cflags,
+    prog_stats,
+    read_counters,
+    resolve_target,
+)
 from .output import CapturedOutput
 
 RINGBUF_PAGES = 1024  # 4 MiB: ~1,200 samples of a 100-frame stack in flight, ~9,000 of a 13-frame one
@@ -199,7 +209,8 @@ class SampleEngine:
 
     def finish(self) -> list[RawSample]:
         """Stop sampling, then read the ring to its end (the counters are final after it)."""
-        self.prog_stats = self._prog_stats()
+        stats = prog_stats(self.bpf).values()  # both programs, before they are detached
+        self.prog_stats = {"prog_runs": sum(r for r, _ in stats), "prog_run_ns": sum(ns for _, ns in stats)}
         self.detach()
         out: list[RawSample] = []
         while True:
@@ -217,23 +228,8 @@ class SampleEngine:
         with contextlib.suppress(Exception):  # already detached
             self.bpf.detach_raw_tracepoint(b"sched_switch")
 
-    def _prog_stats(self) -> dict[str, int]:
-        """The kernel's own count and run time of both programs (run time only while BPF stats
-        are enabled: kernel.bpf_stats_enabled or BPF_ENABLE_STATS, as bench/sampled.py does)."""
-        runs = ns = 0
-        for fn in self.bpf.funcs.values():
-            try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    info = dict(line.split(":", 1) for line in f if ":" in line)
-            except OSError:
-                continue
-            runs += int(info.get("run_cnt", 0))
-            ns += int(info.get("run_time_ns", 0))
-        return {"prog_runs": runs, "prog_run_ns": ns}
-
     def counters(self) -> dict[str, int]:
-        table = self.bpf[b"counters"]
-        out = {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(COUNTERS)}
+        out = read_counters(self.bpf, COUNTERS)
         out.update(self.counters_user)
         out.update(self.prog_stats)
         return out
