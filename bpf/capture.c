@@ -20,11 +20,16 @@
  * seen is classified once by hashing its (qual)name and comparing a path suffix of its
  * file name against the spec's targets, so functions defined after attach are found too.
  * Only target frames reach user space, through a ring buffer; every drop is counted.
+ * Every target call is also counted and timed here, in `call_stats`, whether or not its
+ * events reach user space: under a load no reader keeps up with, the per-function counts and
+ * durations stay exact while the spans that could not be carried are counted as dropped.
  */
 #include <uapi/linux/ptrace.h>
 
 #define MAX_ARGS 6
-#define ANCESTORS 24
+#define PARENTS 2        /* the nearest open span frames above an entry, for its parent */
+#define ANCESTOR_WALK 24 /* caller frames looked at to find them */
+#define NBUCKETS 256     /* call_stats: log-linear duration buckets, 4 per power of two: all of u64 */
 #define STACK_DEPTH 256
 #define EVAL_DEPTH 64 /* target frames entered from C, nested, per thread (= the uretprobe limit) */
 /* co_flags of code whose frames outlive a return to C (suspended generators/coroutines):
@@ -45,7 +50,7 @@ enum counter {
     C_EXECS, C_COUNTERS
 };
 
-struct target_cfg { u32 nargs; u8 arg_index[MAX_ARGS]; u8 pad[2]; };
+struct target_cfg { u32 nargs; u8 arg_index[MAX_ARGS]; u8 span; u8 pad; }; /* span: 0 for event targets */
 
 struct arg_val {
     u64 obj;
@@ -70,16 +75,28 @@ struct event {
     u64 rss;
 #endif
     /* Exits end here (EV_SIZE_EXIT), entries of targets without attributes after the
-     * ancestors (EV_SIZE_ENTRY): the ring carries and user space decodes only what is set. */
-    u64 ancestors[ANCESTORS]; /* entries: the caller frames, nearest first */
+     * parents (EV_SIZE_ENTRY): the ring carries and user space decodes only what is set. */
+    u64 parents[PARENTS]; /* entries: the nearest caller frames open as span targets (0: none) */
     struct arg_val args[MAX_ARGS];
 };
-#define EV_SIZE_EXIT __builtin_offsetof(struct event, ancestors)
+#define EV_SIZE_EXIT __builtin_offsetof(struct event, parents)
 #define EV_SIZE_ENTRY __builtin_offsetof(struct event, args)
 
-struct tstack { u32 depth; u32 pad; u64 frames[STACK_DEPTH]; };
+/* starts: 0 for a resume, whose call began before (3.9/3.10 generators keep their first
+ * start in gen_starts); nearest[i]: 1 + the index of the nearest span target (event targets
+ * are never parents) at or below i, 0 if none: an entry's parents without a loop. */
+struct tstack {
+    u32 depth; u32 pad;
+    u64 frames[STACK_DEPTH];
+    u64 starts[STACK_DEPTH];
+    u32 nearest[STACK_DEPTH];
+};
+
+/* Per spec target (index = target id), per CPU: the calls that ended, timed from their start. */
+struct call_stat { u64 calls; u64 errors; u64 total_ns; u64 max_ns; u64 hist[NBUCKETS]; };
 
 BPF_ARRAY(targets, struct target_cfg, 1024);
+BPF_PERCPU_ARRAY(call_stats, struct call_stat, NTARGETS);
 BPF_HASH(tstates, u32, u64, 16384);
 BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
@@ -88,6 +105,7 @@ BPF_PERCPU_ARRAY(scratch, struct event, 1);
  * (3.9/3.10 thread states carry no kernel TID). */
 BPF_HASH(stacks, u64, struct tstack, 16384);
 BPF_ARRAY(zero_stack, struct tstack, 1);
+BPF_TABLE("lru_hash", u64, u64, gen_starts, 16384); /* suspended generator frame -> its first start */
 #endif
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(exec_at, u64, 1); /* when the target exec'd: its old image and frames are gone */
@@ -110,11 +128,31 @@ static __always_inline u32 frame_target(u64 frame, u64 *code, u32 *flags) {
     return classify(*code, flags);
 }
 
-static __always_inline struct event *new_event(u32 tid, u16 kind, u32 target_id, u64 frame, u64 code) {
+/* Duration bucket: 0..3 ns exact, then 4 buckets per power of two (each within 19 %). */
+static __always_inline u32 bucket(u64 d) {
+    if (d < 4) return d;
+    u32 l = bpf_log2l(d) - 1; /* bcc's floor(log2) + 1 */
+    return (4 * (l - 1) + ((d >> (l - 2)) & 3)) & (NBUCKETS - 1); /* the mask: for the verifier */
+}
+
+/* A target call ended: count and time it (start 0: it began before attach, not timed). */
+static __always_inline void account(u32 target_id, u64 start, u64 end, int error) {
+    if (!start || end < start) return;
+    struct call_stat *s = call_stats.lookup(&target_id);
+    if (!s) return;
+    u64 d = end - start;
+    __sync_fetch_and_add(&s->calls, 1); /* percpu, but a preempted handler may share it */
+    s->total_ns += d;
+    if (d > s->max_ns) s->max_ns = d;
+    if (error) s->errors++;
+    s->hist[bucket(d)]++;
+}
+
+static __always_inline struct event *new_event(u64 ts, u32 tid, u16 kind, u32 target_id, u64 frame, u64 code) {
     u32 z = 0;
     struct event *e = scratch.lookup(&z);
     if (!e) return 0;
-    e->ts = bpf_ktime_get_ns();
+    e->ts = ts;
     e->tid = tid;
     e->kind = kind;
     e->nargs = 0;
@@ -186,14 +224,6 @@ static __always_inline void capture_args(struct event *e, u64 frame, u32 target_
     }
 }
 
-static __always_inline void fill_ancestors(struct event *e, u64 frame) {
-    u64 f = frame;
-    for (int i = 0; i < ANCESTORS; i++) {
-        f = f ? read_ptr(f + OFF_FRAME_BACK) : 0;
-        e->ancestors[i] = f;
-    }
-}
-
 static __always_inline void fill_exception(struct event *e, u64 tstate) {
 #if OFF_TSTATE_CURRENT_EXCEPTION >= 0
     u64 exc = read_ptr(tstate + OFF_TSTATE_CURRENT_EXCEPTION);
@@ -230,10 +260,18 @@ static __always_inline int target_pid(u32 *tid) {
     return !(execd && *execd);
 }
 
-static __always_inline int emit_entry(u32 tid, u16 kind, u64 frame, u64 code, u32 target_id) {
-    struct event *e = new_event(tid, kind, target_id, frame, code);
+/* Span targets are the only parents: an event target's frame is never one. */
+static __always_inline u32 is_span(u32 target_id) {
+    struct target_cfg *cfg = targets.lookup(&target_id);
+    return cfg ? cfg->span : 1;
+}
+
+static __always_inline int emit_entry(u64 ts, u32 tid, u16 kind, u64 frame, u64 code, u32 target_id,
+                                      u64 parent0, u64 parent1) {
+    struct event *e = new_event(ts, tid, kind, target_id, frame, code);
     if (!e) return 0;
-    fill_ancestors(e, frame);
+    e->parents[0] = parent0;
+    e->parents[1] = parent1;
     capture_args(e, frame, target_id);
     count(C_TARGET_ENTRIES);
     submit(e, e->nargs ? sizeof(*e) : EV_SIZE_ENTRY);
@@ -252,8 +290,9 @@ int on_entry(struct pt_regs *ctx) {
     u32 flags;
     u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
+    u64 ts = bpf_ktime_get_ns();
     /* Target frames are stacked per thread so the exit site (which does not see the frame)
-     * can tell whose exit it is. */
+     * can tell whose exit it is; the stack below is also this frame's open callers. */
     u64 tstate = PT_REGS_PARM1(ctx);
     u32 z = 0;
     struct tstack *empty = zero_stack.lookup(&z); /* never written: an all-zero template */
@@ -262,8 +301,6 @@ int on_entry(struct pt_regs *ctx) {
     if (!st) return 0;
     u32 d = st->depth;
     if (d >= STACK_DEPTH) { count(C_STACK_OVERFLOW); return 0; }
-    st->frames[d & (STACK_DEPTH - 1)] = frame;
-    st->depth = d + 1;
     /* A generator frame entering for the second time on is a resume, not a call's start. */
 #if PY_MINOR >= 10
     s8 fstate = 0;
@@ -274,7 +311,15 @@ int on_entry(struct pt_regs *ctx) {
     bpf_probe_read_user(&lasti, sizeof(lasti), (void *)(frame + OFF_FRAME_PREV_INSTR));
     u16 kind = lasti == -1 ? EV_ENTRY : EV_RESUME; /* f_lasti is -1 until the first instruction */
 #endif
-    return emit_entry(tid, kind, frame, code, target_id);
+    u32 n0 = d ? st->nearest[(d - 1) & (STACK_DEPTH - 1)] : 0;
+    u32 n1 = n0 > 1 ? st->nearest[(n0 - 2) & (STACK_DEPTH - 1)] : 0;
+    u64 p0 = n0 ? st->frames[(n0 - 1) & (STACK_DEPTH - 1)] : 0;
+    u64 p1 = n1 ? st->frames[(n1 - 1) & (STACK_DEPTH - 1)] : 0;
+    st->frames[d & (STACK_DEPTH - 1)] = frame;
+    st->starts[d & (STACK_DEPTH - 1)] = kind == EV_ENTRY ? ts : 0;
+    st->nearest[d & (STACK_DEPTH - 1)] = is_span(target_id) ? d + 1 : n0;
+    st->depth = d + 1;
+    return emit_entry(ts, tid, kind, frame, code, target_id, p0, p1);
 }
 
 int on_exit(struct pt_regs *ctx) {
@@ -291,6 +336,8 @@ int on_exit(struct pt_regs *ctx) {
     u64 cur = read_ptr(tstate + OFF_TSTATE_FRAME);
     if (read_ptr(top + OFF_FRAME_BACK) != cur) return 0;
     st->depth = d;
+    u64 ts = bpf_ktime_get_ns();
+    u64 start = st->starts[d & (STACK_DEPTH - 1)];
     u64 retval = PT_REGS_PARM3(ctx);
     u16 kind = EV_EXIT;
     if (!retval) {
@@ -308,7 +355,18 @@ int on_exit(struct pt_regs *ctx) {
     }
     u64 code;
     u32 flags;
-    struct event *e = new_event(tid, kind, frame_target(top, &code, &flags), top, code);
+    u32 target_id = frame_target(top, &code, &flags);
+    /* A generator's call runs from its first start to its last exit, across suspensions. */
+    if (kind == EV_SUSPEND) {
+        if (start) gen_starts.update(&top, &start);
+    } else {
+        if (!start) {
+            u64 *first = gen_starts.lookup(&top);
+            if (first) { start = *first; gen_starts.delete(&top); }
+        }
+        account(target_id, start, ts, kind == EV_EXIT_EXC);
+    }
+    struct event *e = new_event(ts, tid, kind, target_id, top, code);
     if (!e) return 0;
     if (kind == EV_EXIT_EXC) fill_exception(e, tstate);
     count(C_TARGET_EXITS);
@@ -321,9 +379,10 @@ int on_exit(struct pt_regs *ctx) {
 
 /* Target frames now running or suspended, by address. The exit probe fires for every frame
  * the process releases: one lookup here (a miss, almost always) is all a non-target costs.
- * The value's code address guards against a stale entry whose exit was never seen. User
- * space seeds it at attach with the target frames already on the threads' stacks. */
-struct open_frame { u64 code; u32 target_id; u32 pad; };
+ * The value's code address guards against a stale entry whose exit was never seen; start is
+ * when the call began (0: before attach, or unknown). User space seeds it at attach with the
+ * target frames already on the threads' stacks. */
+struct open_frame { u64 code; u64 start; u32 target_id; u32 span; };
 BPF_HASH(open_frames, u64, struct open_frame, 65536);
 
 
@@ -353,12 +412,33 @@ static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
     u32 flags;
     u32 target_id = frame_target(frame, &code, &flags);
     if (!target_id) return 0;
+    u64 ts = bpf_ktime_get_ns();
     if (!instr) instr = read_ptr(frame + OFF_FRAME_PREV_INSTR);
     u8 oparg = 0;
     bpf_probe_read_user(&oparg, 1, (void *)(instr + 1));
-    struct open_frame of = {.code = code, .target_id = target_id};
-    if (open_frames.update(&frame, &of) != 0) count(C_OPEN_FULL);
-    return emit_entry(tid, oparg ? EV_RESUME : EV_ENTRY, frame, code, target_id);
+    /* A resume, or a RESUME run again (3.12+ re-runs it after instrumenting), finds its frame
+     * open and keeps the call's start; a resume of a frame never seen starts nothing timed. */
+    struct open_frame of = {.code = code, .start = oparg ? 0 : ts, .target_id = target_id,
+                            .span = is_span(target_id)};
+    if (open_frames.insert(&frame, &of) != 0) {
+        struct open_frame *cur = open_frames.lookup(&frame);
+        if (!cur) count(C_OPEN_FULL);
+        else if (cur->code != code) *cur = of; /* a stale entry: this address holds a new call */
+    }
+    /* The parents: the nearest callers open as span targets (scalars: the verifier refuses
+     * what clang makes of a stack array indexed by a counter). */
+    u64 p0 = 0, p1 = 0;
+    u64 f = frame;
+    for (int i = 0; i < ANCESTOR_WALK; i++) {
+        f = read_ptr(f + OFF_FRAME_BACK);
+        if (!f) break;
+        struct open_frame *p = open_frames.lookup(&f);
+        if (p && p->span) {
+            if (p0) { p1 = f; break; }
+            p0 = f;
+        }
+    }
+    return emit_entry(ts, tid, oparg ? EV_RESUME : EV_ENTRY, frame, code, target_id, p0, p1);
 }
 
 /* One handler per (frame register, where the instruction pointer is) a site needs; the plan
@@ -378,25 +458,28 @@ int on_entry(struct pt_regs *ctx) {
     return entry_at(ctx, current_frame(*ts), 0);
 }
 
-/* Take `frame` out of the open set if it is a target frame; its target id, or 0. */
-static __always_inline u32 close_frame(u64 frame, u64 *code) {
+/* Take `frame` out of the open set if it is a target frame; its target id (0 if none) and start. */
+static __always_inline u32 close_frame(u64 frame, u64 *code, u64 *start) {
     struct open_frame *of = open_frames.lookup(&frame);
     if (!of) return 0;
     u64 want = of->code;
     u32 target_id = of->target_id;
+    *start = of->start;
     open_frames.delete(&frame);
     *code = read_ptr(frame + OFF_FRAME_CODE);
     return *code == want ? target_id : 0;
 }
 
-static __always_inline void emit_exit(u32 tid, u64 frame, u64 code, u32 target_id, int by_exception) {
-    struct event *e = new_event(tid, EV_EXIT, target_id, frame, code);
+static __always_inline void emit_exit(u32 tid, u64 frame, u64 code, u32 target_id, u64 start, int by_exception) {
+    u64 now = bpf_ktime_get_ns();
+    struct event *e = new_event(now, tid, EV_EXIT, target_id, frame, code);
     if (!e) return;
     u64 *ts = tstates.lookup(&tid);
     if (ts) {
         fill_exception(e, *ts);
         if (by_exception || e->exc_type) e->kind = EV_EXIT_EXC;
     }
+    account(target_id, start, now, e->kind == EV_EXIT_EXC);
     count(C_TARGET_EXITS);
     submit(e, EV_SIZE_EXIT);
 }
@@ -451,9 +534,9 @@ int on_eval_return(struct pt_regs *ctx) {
     u64 frame = st->calls[(keep - 1) & (EVAL_DEPTH - 1)].frame;
     st->depth = keep - 1;
     /* Closing it here also makes the frame-clear probe, where it follows, pass it over. */
-    u64 code;
-    u32 target_id = close_frame(frame, &code);
-    if (target_id) emit_exit(tid, frame, code, target_id, PT_REGS_RC(ctx) == 0);
+    u64 code, start = 0;
+    u32 target_id = close_frame(frame, &code, &start);
+    if (target_id) emit_exit(tid, frame, code, target_id, start, PT_REGS_RC(ctx) == 0);
     return 0;
 }
 #else
@@ -474,15 +557,15 @@ int on_exit(struct pt_regs *ctx) {
     if (!target_pid(&tid)) return 0;
     count(C_EXIT_HITS);
     u64 frame = PT_REGS_PARM1(ctx);
-    u64 code;
-    u32 target_id = close_frame(frame, &code);
+    u64 code, start = 0;
+    u32 target_id = close_frame(frame, &code, &start);
     if (!target_id) {
         u32 z = 0;
         u32 *a = attaching.lookup(&z);
         u32 flags;
         if (a && *a) target_id = frame_target(frame, &code, &flags);
     }
-    if (target_id) emit_exit(tid, frame, code, target_id, 0);
+    if (target_id) emit_exit(tid, frame, code, target_id, start, 0);
     return 0;
 }
 #endif

@@ -125,6 +125,18 @@ def test_exact_counts_nesting_and_status(ebpf, interpreter, tmp_path):
                       "work": 9}, counts
     assert res.counters["dropped"] == 0
     assert not res.losses.cut_at_attach and not res.losses.cut_at_detach
+    # The kernel counted and timed every call itself, from the same timestamps as the spans.
+    assert res.calls["status"] == "ok"
+    kernel = {f["name"]: f for f in res.calls["functions"]}
+    assert {k: f["calls"] for k, f in kernel.items() if f["calls"]} == counts
+    assert kernel["boom"]["errors"] == kernel["middle"]["errors"] == 3 and kernel["outer"]["errors"] == 0
+    for name, n in counts.items():
+        durs = sorted(s.duration_ns for s in res.spans if s.name == name)
+        k = kernel[name]
+        assert abs(k["total_ns"] - sum(durs)) <= 1_000 * n, (name, k, sum(durs))  # clock re-syncs: ns, not µs
+        assert abs(k["max_ns"] - durs[-1]) <= 1_000, (name, k, durs[-1])
+        # The histogram's median bucket holds the spans' median (buckets are 25 % wide at most).
+        assert 0.8 * durs[(n - 1) // 2] <= k["p50_ns"] <= 1.25 * durs[n // 2] + 4, (name, k, durs)
     by_id = {s.span_id: s for s in res.spans}
     # Recursion deeper than 64 frames nests exactly: one root, each level the child of the last.
     deep = [s for s in res.spans if s.name == "deep"]
@@ -303,6 +315,39 @@ def test_launch_mode_sees_the_first_calls(ebpf, interpreter, tmp_path):
         assert out["stopped_by"] == "target exited"
 
 
+CALLS_OVER_TIME = r'''
+import time
+def tick(i): return i
+for i in range(40):
+    tick(i)
+    time.sleep(0.01)
+'''
+
+
+def test_calls_log_counts_every_call_as_it_goes(ebpf, interpreter, tmp_path):
+    """--calls-log: lines while the target runs, counts that only grow, and a final line at
+    detach equal to the summary's kernel count (and to the spans, nothing being dropped)."""
+    _interp, one_python = interpreter
+    prog = tmp_path / "prog.py"
+    prog.write_text(CALLS_OVER_TIME)
+    log = tmp_path / "calls.jsonl"
+    r = subprocess.run([sys.executable, "-m", "tracer.cli", "-f", "__main__:tick", "--no-gpu", "--json",
+                        "--calls-log", str(log), "--calls-interval", "0.05", "--", one_python, str(prog)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = __import__("json").loads(r.stdout)
+    lines = [__import__("json").loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) >= 3 and [x["final"] for x in lines].count(True) == 1 and lines[-1]["final"]
+    seq = [x["calls"]["tick"] for x in lines]
+    assert seq == sorted(seq) and any(0 < v < 40 for v in seq) and seq[-1] == 40, seq
+    assert [x["time_unix_nano"] for x in lines] == sorted(x["time_unix_nano"] for x in lines)
+    assert out["calls"]["functions"][0]["calls"] == 40 == out["stats"][0]["count"]
+    bad = subprocess.run([sys.executable, "-m", "tracer.cli", "-f", "__main__:tick", "--no-gpu",
+                          "--calls-log", str(tmp_path / "no" / "such" / "dir"), "--", one_python, str(prog)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "calls log" in bad.stderr, bad.stderr
+
+
 def test_launch_mode_refuses_what_is_not_python(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tracer.cli", "--no-gpu", "--", "/bin/true"], capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
@@ -322,7 +367,7 @@ def test_a_dropped_exit_never_lends_its_start_to_another_call():
     asm = Assembler(spec, os.getpid(), layout_from_table((3, 12, 0)), TypeAddrs({}, -1, -1, -1), Clock())
 
     def ev(ts, kind, target, frame=0x1000, code=0x2000):
-        return RawEvent(ts, 7, kind, target, frame, code + target, "", (0,) * 24, ())
+        return RawEvent(ts, 7, kind, target, frame, code + target, "", (0, 0), ())
 
     done = asm.feed([ev(1, EV_ENTRY, 1), ev(5, EV_ENTRY, 2), ev(9, EV_EXIT, 2),  # a's exit dropped
                      ev(20, EV_ENTRY, 1), ev(30, EV_EXIT, 2)])  # a's exit and b's entry dropped

@@ -787,6 +787,9 @@ def test_ring_buffer_overflow_is_counted_exactly(ebpf, interpreter):
         assert (entries, exits) == (c["received_entries"], c["received_exits"])
         assert entries + c["dropped_entries"] == calls and exits + c["dropped_exits"] == calls, c
         assert c["dropped"] == c["dropped_entries"] + c["dropped_exits"] > 0
+        # The kernel's own count of every call does not travel through the ring: exact regardless.
+        kernel = {s.name: s.calls for s in engine.call_stats()}
+        assert kernel == {**{f"f{k}": 3000 for k in range(10)}, "burst": 1}, kernel
         dropped = c["dropped"]
         t.send("100")  # 2,002 events: they fit in the ring, nothing may be lost now
         t.expect("done")
@@ -827,6 +830,13 @@ def test_tracer_stays_stoppable_under_sustained_overload(ebpf, tmp_path, one_pyt
     assert res["stopped_by"] == "SIGINT" and c["dropped"] > 0
     assert c["received_entries"] + c["dropped_entries"] == c["target_entries"]
     assert c["received_exits"] + c["dropped_exits"] == c["target_exits"]
+    # Every call that ended is in the kernel's count, dropped spans included; the ten leaves are
+    # called in turn, so their counts differ by one at most; every burst of 1,000 but the one
+    # running at detach ended (entry sites go one by one: a burst may end uncounted leaves).
+    kernel = {f["name"]: f["calls"] for f in res["calls"]["functions"]}
+    assert sum(kernel.values()) == c["target_exits"] > 0
+    leaves = [kernel[f"f{k}"] for k in range(10)]
+    assert max(leaves) - min(leaves) <= 1 and kernel["burst"] >= min(leaves) // 1000 > 0, kernel
 
 
 # ---- never harm the target: verified probe sites, memory only read -------------------------

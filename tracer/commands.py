@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import TraceError
-from .report.stats import format_table, step_timing_ms
+from .report.stats import format_calls_table, format_table, step_timing_ms
 from .spec import load_spec
 
 
@@ -37,6 +37,14 @@ def _print_result(res, as_json: bool) -> None:
     else:
         click.echo(f"\nprobe hits: {c['entry_hits']:,} entries, {c['exit_hits']:,} exits; "
                    f"ring-buffer drops: {drops}; stopped by: {res.stopped_by}")
+    calls = res.calls.get("functions") if res.calls.get("status") == "ok" else None
+    if calls is not None:
+        n = sum(f["calls"] for f in calls)
+        spans = sum(s.count for s in res.stats)
+        click.echo(f"calls ended, counted in the kernel: {n:,} (completed spans: {spans:,})")
+        if c.get("dropped"):
+            click.echo("spans were dropped: every call, as the kernel counted and timed it:\n"
+                       + format_calls_table(calls))
     unseen = c.get("stack_overflow", 0) + c.get("eval_returns_lost", 0)
     if unseen:
         click.echo(f"exits the kernel could not pair: {unseen:,} (frames nested deeper than the per-thread "
@@ -92,11 +100,16 @@ def _enricher_line(name: str, summary: dict) -> str:
                    "small cost (spans estimated, boundary uncertainty stated).")
 @click.option("--hz", type=click.IntRange(1, 20_000), default=None,
               help="With --mode sampled: samples per second per CPU (default 999).")
+@click.option("--calls-log", type=click.Path(dir_okay=False),
+              help="Append the kernel's count of every call of each spec function (exact even when spans "
+                   "are dropped) as JSON lines, every --calls-interval seconds and at detach.")
+@click.option("--calls-interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True,
+              help="Seconds between lines of --calls-log.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-status", is_flag=True, help="No live status line.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_endpoint, duration, sched, gpu,
-              profile_path, mode, hz, as_json, no_status, command):
+              profile_path, mode, hz, calls_log, calls_interval, as_json, no_status, command):
     """Attach to Python processes and turn the spec's functions into spans.
 
     \b
@@ -129,6 +142,8 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
         raise click.UsageError("--hz needs --mode sampled")
     if sched and mode == "sampled":
         raise click.UsageError("--sched needs --mode exact (sampled spans carry their time off CPU already)")
+    if calls_log and mode == "sampled":
+        raise click.UsageError("--calls-log needs --mode exact (sampled mode sees no call's start or end)")
     request = SpecRequest(spec_name, tuple(functions), tuple(modules))
     request.base()  # a bad spec or -f is reported before a command is launched
     pids = list(pid)
@@ -141,7 +156,7 @@ def trace_cmd(pid, match, follow, spec_name, functions, modules, output, otlp_en
     # for days (tracer/report/running_stats.py); only --profile needs the spans themselves.
     opts = TraceOptions(output=output, otlp_endpoint=otlp_endpoint, duration=duration, status=not no_status,
                         with_sched=sched, enrichers=("gpu",) if gpu else (), keep_spans=bool(profile_path),
-                        mode=mode, **({"hz": hz} if hz else {}))
+                        mode=mode, calls_log=calls_log, calls_interval=calls_interval, **({"hz": hz} if hz else {}))
     try:
         fleet = trace_processes(pids, request, opts, match=match, follow=follow, log=stderr_log,
                                 on_attached=(lambda _c: launched.resume()) if launched else None)

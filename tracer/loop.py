@@ -18,6 +18,7 @@ buffer may fill: that shows as counted drops, never as silent loss.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -65,6 +66,7 @@ class _Live:
     n_spans: int = 0
     checked: float = 0.0  # when liveness was last checked
     alive_ns: int = 0  # CLOCK_MONOTONIC: the last moment the target was known alive (cut spans end there)
+    calls_at: float = 0.0  # when its call counts were last written to the calls log
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,13 @@ class TraceLoop:
         self._finished_spans = 0
         self._closed: FleetResult | None = None
         self.exporters: list = []
+        # Opened here, like the exporters, so a bad path fails before anything attaches.
+        self._calls_log = None
+        if opts.calls_log:
+            try:
+                self._calls_log = open(opts.calls_log, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise TraceError(f"cannot write the calls log {opts.calls_log}: {e.strerror}") from None
         if opts.output:
             self.exporters.append(OtlpJsonFile(opts.output))
         if opts.otlp_endpoint:
@@ -247,6 +256,9 @@ class TraceLoop:
                 e.poll()
             self._deliver(t, t.held.release(done))
             now = time.monotonic()
+            if self._calls_log is not None and now - t.calls_at >= self.options.calls_interval:
+                t.calls_at = now
+                self._log_calls(t, t.capture.calls(), final=False)
             if now - t.checked >= LIVENESS_S:  # a poll and a counter read per process: not on every step
                 t.checked = now
                 checked_ns = time.monotonic_ns()
@@ -299,6 +311,16 @@ class TraceLoop:
         sys.stderr.flush()
         return hits
 
+    def _log_calls(self, t: _Live, calls: dict, final: bool) -> None:
+        """One line of the calls log: when (Unix ns), which process, each function's calls so far."""
+        line = {"time_unix_nano": time.time_ns(), "pid": t.pid, "final": final, "status": calls.get("status")}
+        if calls.get("status") == "ok":
+            line["calls"] = {f["name"]: f["calls"] for f in calls["functions"]}
+            line["errors"] = {f["name"]: f["errors"] for f in calls["functions"] if f["errors"]}
+        else:
+            line["reason"] = calls.get("reason", "")
+        self._calls_log.write(json.dumps(line) + "\n")
+
     # ---- detaching --------------------------------------------------------------------
     def _finish(self, t: _Live, reason: str) -> TraceResult:
         try:
@@ -314,13 +336,16 @@ class TraceLoop:
             why = reason if reason.startswith("target") else f"tracer stopped ({reason})"
             self._deliver(t, t.held.release(drained + t.capture.cut_spans(t.alive_ns, why), final=True))
             counters = t.capture.counters()
+            calls = t.capture.calls()
+            if self._calls_log is not None:
+                self._log_calls(t, calls, final=True)
             losses = t.capture.losses()
             t.seen.update(losses.cut_at_attach, losses.orphan_events)
             stats = span_stats(s for s in t.spans if "ophamin.cut" not in s.attributes) if self.options.keep_spans \
                 else t.running.stats()
             res = TraceResult(t.pid, t.capture.interpreter, tuple(t.spans), tuple(stats), losses, counters, reason,
                               time.monotonic() - t.t0, t.attach_s, (*t.warnings, *unseen_targets(t.spec, t.seen)),
-                              {}, {e.name: e.summary() for e in t.enrichers}, t.mode, t.resource)
+                              {}, {e.name: e.summary() for e in t.enrichers}, t.mode, t.resource, calls)
         finally:
             self.live.pop(t.pid, None)
             for e in t.enrichers:
@@ -346,6 +371,9 @@ class TraceLoop:
             except BaseException as e:  # noqa: BLE001 - detach the others first, then raise
                 err = err or e
         exp_info = {}
+        if self._calls_log is not None:
+            self._calls_log.close()
+            exp_info["calls_log"] = {"path": self.options.calls_log}
         for ex in self.exporters:
             ex.close()
             if isinstance(ex, OtlpHttp):

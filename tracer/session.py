@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 from .assemble.samples import SampleAssembler
 from .assemble.spans import Assembler, Clock, Losses, resource_for
 from .assemble.values import TypeAddrs
+from .capture.calls import calls_summary, calls_unavailable
 from .capture.engine import CaptureEngine
 from .capture.sampler import DEFAULT_HZ, SampleEngine
 from .correlate.gpu import GpuEnricher
@@ -44,11 +45,14 @@ class TraceOptions:
     with_sched: bool = False  # scheduler and memory attributes per span
     enrichers: tuple[str, ...] = ()  # keys of ENRICHERS, in order
     keep_spans: bool = True  # keep every span in the result (the API and tests read them); False: fixed memory
+    calls_log: str | None = None  # JSON lines: the kernel's per-function call counts, every calls_interval s
+    calls_interval: float = 1.0
 
     def to_dict(self) -> dict:
         return {"output": self.output, "otlp_endpoint": self.otlp_endpoint, "duration": self.duration,
                 "mode": self.mode, **({"hz": self.hz} if self.mode == "sampled" else {}),
-                "with_sched": self.with_sched, "enrichers": list(self.enrichers)}
+                "with_sched": self.with_sched, "enrichers": list(self.enrichers),
+                **({"calls_log": self.calls_log, "calls_interval": self.calls_interval} if self.calls_log else {})}
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class TraceResult:
     enrichers: dict = field(default_factory=dict)  # name -> its summary (status, reason, figures)
     mode: str = "exact"
     resource: dict = field(default_factory=dict)  # the OpenTelemetry resource of its spans
+    calls: dict = field(default_factory=dict)  # the kernel's count of every call (capture/calls.py)
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "interpreter": self.interpreter, "mode": self.mode,
@@ -76,7 +81,7 @@ class TraceResult:
                 "counters": dict(self.counters), "stopped_by": self.stopped_by,
                 "duration_s": self.duration_s, "attach_s": self.attach_s,
                 "warnings": list(self.warnings), "exporters": dict(self.exporters),
-                "enrichers": dict(self.enrichers)}
+                "enrichers": dict(self.enrichers), "calls": dict(self.calls)}
 
 
 # ---- the capture seam -------------------------------------------------------------------
@@ -94,6 +99,8 @@ class Capture(Protocol):
     def drain(self) -> list[Span]: ...  # after the loop: stop the probes, read what the kernel still holds
 
     def counters(self) -> dict[str, int]: ...  # must include entry_hits, exit_hits, dropped
+
+    def calls(self) -> dict: ...  # the kernel's count of every call (tracer/capture/calls.py), or unavailable
 
     def losses(self) -> Losses: ...
 
@@ -159,6 +166,9 @@ class ExactCapture(_Assembled):
             c.update(self.sched.counters())
         return c
 
+    def calls(self) -> dict:
+        return calls_summary(self.engine.call_stats())
+
 
 
 class SampledCapture(_Assembled):
@@ -194,6 +204,8 @@ class SampledCapture(_Assembled):
         c.update(entry_hits=c["samples"], exit_hits=c["switch_outs"])
         return c
 
+    def calls(self) -> dict:
+        return calls_unavailable("sampled mode places no probe where calls begin and end")
 
 
 # Capture modes by name: a factory (pid, spec, options) -> an attached Capture.

@@ -7,8 +7,8 @@ first start to its frame's release, and `ophamin.resumes` counts re-entries (on 
 suspensions are seen too: `ophamin.suspensions`). On 3.11+ the RESUME oparg tells a call's
 start from a resume, so a generator suspended before attach is reported cut at attach, never
 given an invented start. The parent of a span is the
-nearest caller frame (by the frame chain the kernel copied at entry) that is an open span;
-events attach to that same nearest open span.
+nearest caller frame that is an open span (the kernel names, at entry, the nearest two it has
+open as span targets); events attach to that same nearest open span.
 
 Loss is counted, never hidden: exits whose entry came before attach (cut at attach), spans
 still open at detach (cut at detach), events with no open span to land on.
@@ -178,7 +178,7 @@ class Assembler:
         return out
 
     def _nearest_open(self, ev: RawEvent) -> _Open | None:
-        for f in ev.ancestors:
+        for f in ev.parents:
             if f == 0:
                 break
             o = self.open.get(f)

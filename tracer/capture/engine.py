@@ -25,6 +25,7 @@ from ..errors import PrivilegeError, TargetGone, TraceError
 from ..plan.probes import ProbePlan, ProbeSite, plan_for
 from ..plan.verify import verify_plan
 from ..spec import MAX_ARGS, Spec
+from .calls import CallStats, read_call_stats
 from .names import NameRule, fnv, rules_for
 from .output import CapturedOutput
 
@@ -73,7 +74,7 @@ class RawEvent:
     frame: int
     code: int
     exc_name: str
-    ancestors: tuple[int, ...]
+    parents: tuple[int, ...]  # entries: the nearest caller frames the kernel had open as span targets
     args: tuple[tuple[int, int, bytes, bytes], ...]  # (obj, type, head, data)
     sched: dict | None = None
     rss: int | None = None
@@ -183,9 +184,10 @@ def fill_names(bpf, rules: list[NameRule]) -> None:
 
 
 def _cflags(pid: int, layout: Layout, version: tuple[int, int, int], with_sched: bool,
-            verify_frame_register: bool = False, str_type: int = 0) -> list[str]:
+            verify_frame_register: bool = False, str_type: int = 0, n_targets: int = 1) -> list[str]:
     """`str_type`: PyUnicode_Type's address in the target (0: unknown, no string is read)."""
-    flags = layout_cflags(pid, layout, version) + [f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DSTR_TYPE={str_type}ULL"]
+    flags = layout_cflags(pid, layout, version) + [f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DSTR_TYPE={str_type}ULL",
+                                                   f"-DNTARGETS={n_targets + 1}"]
     if version[:2] in ((3, 9), (3, 10)):
         flags.append("-DPY_EVAL_FRAME")
     if version[:2] == (3, 11):
@@ -232,7 +234,7 @@ class CaptureEngine:
             with out:
                 self.bpf = BPF(text=text.encode(),
                                cflags=_cflags(pid, layout, interp.version, with_sched, verify_frame_register,
-                                              str_type))
+                                              str_type, len(spec.targets)))
                 # Load (verify) every handler now, so a verifier log lands here, not on the terminal.
                 for fn in {handler_for(s)[0] for s in plan.sites}:
                     self.bpf.load_func(fn.encode(), BPF.KPROBE)
@@ -269,6 +271,7 @@ class CaptureEngine:
         for t in self.spec.targets:
             cfg = targets.Leaf()
             cfg.nargs = MAX_ARGS if t.attributes else 0
+            cfg.span = int(t.kind == "span")
             for i in range(MAX_ARGS):
                 cfg.arg_index[i] = i
             targets[ctypes.c_int(t.target_id)] = cfg
@@ -284,13 +287,17 @@ class CaptureEngine:
         if self.info.plan.strategy != "resume-handlers":
             stacks = self.bpf[b"stacks"]
             for th in threads:
-                # outermost first
-                running = [f for f, code in reversed(th.chain) if classify_live(self.pid, self.info, code)[0]]
+                # outermost first; starts stay 0: these calls began before attach, not timed
+                running = [(f, target_id) for f, code in reversed(th.chain)
+                           if (target_id := classify_live(self.pid, self.info, code)[0])]
                 if running:
                     st = stacks.Leaf()
                     st.depth = len(running)
-                    for i, f in enumerate(running[: len(st.frames)]):
+                    nearest = 0
+                    for i, (f, target_id) in enumerate(running[: len(st.frames)]):
                         st.frames[i] = f
+                        nearest = i + 1 if self._is_span(target_id) else nearest
+                        st.nearest[i] = nearest
                     stacks[ctypes.c_ulonglong(th.tstate)] = st
             return len(threads)
         tstates = self.bpf[b"tstates"]
@@ -300,9 +307,13 @@ class CaptureEngine:
                 tstates[ctypes.c_uint(th.native_thread_id)] = ctypes.c_ulonglong(th.tstate)
             for frame, code in th.chain:
                 target_id = classify_live(self.pid, self.info, code)[0]
-                if target_id:
-                    open_frames[ctypes.c_ulonglong(frame)] = open_frames.Leaf(code, target_id, 0)
+                if target_id:  # start 0: began before attach, not timed
+                    open_frames[ctypes.c_ulonglong(frame)] = open_frames.Leaf(code, 0, target_id,
+                                                                               int(self._is_span(target_id)))
         return len(threads)
+
+    def _is_span(self, target_id: int) -> bool:
+        return any(t.target_id == target_id and t.kind == "span" for t in self.spec.targets)
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven
@@ -323,16 +334,16 @@ class CaptureEngine:
         """Offsets of `struct event` (from the layout bcc gave the scratch map's value type),
         so each event is decoded with a few struct.unpack_from calls: this runs per event."""
         t = self._event_type
-        exc, anc, args = t.exc_name.offset, t.ancestors.offset, t.args.offset
+        exc, par, args = t.exc_name.offset, t.parents.offset, t.args.offset
         arg = struct.Struct("<QQ32s48s")
-        ancestors = struct.Struct(f"<{len(t().ancestors)}Q")
+        parents = struct.Struct(f"<{len(t().parents)}Q")
         sched_t = type(t().sched) if self.with_sched else None
         sched_off, rss_off = (t.sched.offset, t.rss.offset) if self.with_sched else (0, 0)
 
         def decode(raw: bytes) -> RawEvent:
             ts, tid, kind, nargs, target_id, _, frame, code = _HEAD.unpack_from(raw, 0)
             exc_name = raw[exc:exc + 48].split(b"\0", 1)[0].decode(errors="replace") if kind == EV_EXIT_EXC else ""
-            anc_t = ancestors.unpack_from(raw, anc) if len(raw) > anc else ()
+            par_t = parents.unpack_from(raw, par) if len(raw) > par else ()
             args_t = tuple(arg.unpack_from(raw, args + arg.size * i) for i in range(nargs)) if nargs else ()
             sched = rss = None
             if sched_t is not None:
@@ -340,7 +351,7 @@ class CaptureEngine:
                 sched = {f: getattr(s, f) for f, _ in s._fields_ if f != "cpu_runs"}
                 sched["cpu_runs"] = list(s.cpu_runs)
                 rss = struct.unpack_from("<Q", raw, rss_off)[0]
-            return RawEvent(ts, tid, kind, target_id, frame, code, exc_name, anc_t, args_t, sched, rss)
+            return RawEvent(ts, tid, kind, target_id, frame, code, exc_name, par_t, args_t, sched, rss)
 
         return decode
 
@@ -391,6 +402,10 @@ class CaptureEngine:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.bpf.uprobe_fds.pop(name, None)
+
+    def call_stats(self) -> list[CallStats]:
+        """Every ended call of each spec function, counted and timed in the kernel."""
+        return read_call_stats(self.bpf, self.spec)
 
     def counters(self) -> dict[str, int]:
         out = read_counters(self.bpf, COUNTERS)

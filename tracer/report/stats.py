@@ -61,6 +61,19 @@ def format_table(stats: Iterable[SpanStats]) -> str:
     rows = [("span", "count", "median ms", "p10 ms", "p90 ms", "max ms")]
     rows += [(s.name, str(s.count), _ms(s.median_ns), _ms(s.p10_ns), _ms(s.p90_ns), _ms(s.max_ns))
              for s in stats]
+    return _fixed_width(rows)
+
+
+def format_calls_table(functions: Iterable[dict]) -> str:
+    """The kernel's per-function call counts (CallStats.to_dict() rows), for terminals."""
+    rows = [("function", "calls", "errors", "mean ms", "p50 ms", "p99 ms", "max ms")]
+    rows += [(f["name"], f"{f['calls']:,}", f"{f['errors']:,}", *(_ms(f[k]) if f[k] is not None else "-" for k in
+                                                                    ("mean_ns", "p50_ns", "p99_ns")),
+              _ms(f["max_ns"])) for f in functions if f["calls"]]
+    return _fixed_width(rows)
+
+
+def _fixed_width(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, r in enumerate(rows):
