@@ -68,6 +68,7 @@ struct event {
     u32 pad;
     u64 frame;
     u64 code;
+    u64 start;        /* exits: when the call began; 0 if before attach (else its entry was dropped) */
     u64 exc_type;     /* exits by exception: the exception's type object */
     char exc_name[48];
 #ifdef WITH_SCHED
@@ -159,6 +160,7 @@ static __always_inline struct event *new_event(u64 ts, u32 tid, u16 kind, u32 ta
     e->target_id = target_id;
     e->frame = frame;
     e->code = code;
+    e->start = 0;
     e->exc_type = 0;
     e->exc_name[0] = 0;
 #ifdef WITH_SCHED
@@ -368,6 +370,7 @@ int on_exit(struct pt_regs *ctx) {
     }
     struct event *e = new_event(ts, tid, kind, target_id, top, code);
     if (!e) return 0;
+    e->start = start;
     if (kind == EV_EXIT_EXC) fill_exception(e, tstate);
     count(C_TARGET_EXITS);
     submit(e, EV_SIZE_EXIT);
@@ -474,6 +477,7 @@ static __always_inline void emit_exit(u32 tid, u64 frame, u64 code, u32 target_i
     u64 now = bpf_ktime_get_ns();
     struct event *e = new_event(now, tid, EV_EXIT, target_id, frame, code);
     if (!e) return;
+    e->start = start;
     u64 *ts = tstates.lookup(&tid);
     if (ts) {
         fill_exception(e, *ts);

@@ -76,11 +76,12 @@ def summarise(runs: list[dict], base_runs: dict[int, list[dict]], calls: int) ->
         "events_per_s": spread([r["events"] / r["wall_s"] for r in ok if r.get("events") is not None]),
         "lost_events": spread([r.get("lost") for r in ok]),
     }
-    seen = [r["seen_fraction"] for r in ok if r.get("seen_fraction")]
-    if seen:
-        worst = min(seen, key=lambda s: (s["fraction"] if s["fraction"] is not None else 1.0, s["exact"]))
-        out["seen"] = {"worst": worst, "all_exact": all(s["exact"] for s in seen), "repeats": len(seen),
-                       "fractions": [s["fraction"] for s in seen]}
+    for key, field in (("seen", "seen_fraction"), ("spans_seen", "spans_fraction")):
+        seen = [r[field] for r in ok if r.get(field)]
+        if seen:
+            worst = min(seen, key=lambda s: (s["fraction"] if s["fraction"] is not None else 1.0, s["exact"]))
+            out[key] = {"worst": worst, "all_exact": all(s["exact"] for s in seen), "repeats": len(seen),
+                        "fractions": [s["fraction"] for s in seen]}
     samples = [r["samples"] for r in ok if r.get("samples") is not None]
     if samples:
         out["samples"] = {"per_run": samples, "functions_present": [r.get("functions_present") for r in ok]}
@@ -108,6 +109,11 @@ def _seen_text(fig: dict) -> str:
             txt = f"{pct:.2f} %"
         if w["n_over"]:
             txt += f", {w['n_over']} fn over"
+        if "spans_seen" in fig:  # exact mode: the kernel's count above; the share that became spans here
+            sw = fig["spans_seen"]["worst"]
+            if sw["fraction"] is not None:
+                spct = 100.0 * sw["fraction"]
+                txt = f"counted {txt}; spans {'100 %' if sw['exact'] else f'{spct:.1f} %'}"
         return txt
     if "samples" in fig:
         s = fig["samples"]

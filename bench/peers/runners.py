@@ -263,6 +263,12 @@ def _first_span_ns(out_path: str, stdout: str, stderr: str) -> int | None:
     return min(starts) if starts else None
 
 
+def _attached_line_ns(out_path: str, stdout: str, stderr: str) -> int | None:
+    """Sampled mode: its "attached pid" line (printed once the perf events are in). A sampler
+    at 100 Hz almost never lands in the 5 ms beacon's microsecond, so no beacon span proves it."""
+    return time.time_ns() if "] attached pid " in stderr else None
+
+
 def spans_by_window(out_path: str, windows: list[tuple[int, int]]) -> list[dict[str, int]]:
     """Spans per name whose start falls in each (start_ns, end_ns) window. Only names and
     start times are read, so a file of a million spans stays cheap."""
@@ -278,6 +284,33 @@ def spans_by_window(out_path: str, windows: list[tuple[int, int]]) -> list[dict[
                                 counts[i][sp["name"]] = counts[i].get(sp["name"], 0) + 1
                                 break
     return counts
+
+
+def calls_by_window(log_path: str, windows: list[tuple[int, int]]) -> list[dict[str, int] | None]:
+    """Calls per function in each (start_ns, end_ns) window, from the tracer's --calls-log: the
+    first line after the window minus the last line before it (none before: zero). None for a
+    window no pair of lines brackets alone (another window falls between them too)."""
+    try:
+        with open(log_path) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+    except (OSError, ValueError):
+        return [None for _ in windows]
+    lines = [x for x in lines if x.get("status") == "ok"]
+    out: list[dict[str, int] | None] = []
+    for lo, hi in windows:
+        before = [x for x in lines if x["time_unix_nano"] < lo]
+        after = [x for x in lines if x["time_unix_nano"] > hi]
+        if not after:
+            out.append(None)
+            continue
+        b, a = (before[-1] if before else None), after[0]
+        t0 = b["time_unix_nano"] if b else 0
+        if any(w != (lo, hi) and t0 < w[1] and w[0] < a["time_unix_nano"] for w in windows):
+            out.append(None)
+            continue
+        base = b["calls"] if b else {}
+        out.append({k: n - base.get(k, 0) for k, n in a["calls"].items()})
+    return out
 
 
 def tracer_modes() -> set[str]:
@@ -299,13 +332,18 @@ class OphaminSession(ToolSession):
     windows: list[tuple[int, int]] | None = None
 
     def __init__(self, harness: Harness, spec_path: str, emitter: str = "noop",
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), calls_log: bool = True) -> None:
+        """`calls_log`: also have the tracer log the kernel's call counts (exact mode only)."""
         fd, out_path = tempfile.mkstemp(prefix="peers-ophamin-", suffix=".jsonl")
         os.close(fd)
         os.unlink(out_path)  # the tracer creates it; its first line is the attach signal
+        self.calls_path = out_path[:-len(".jsonl")] + "-calls.jsonl" if calls_log else ""
         argv = [str(ROOT / ".venv/bin/python"), "-m", "tracer.cli", "--pid", str(harness.pid), "--spec", spec_path,
                 "--output", out_path, "--json", "--no-status", *extra_args]
-        super().__init__(harness, argv, _first_span_ns, out_path, emitter)
+        if calls_log:
+            argv += ["--calls-log", self.calls_path, "--calls-interval", "0.1"]
+        sampled = "sampled" in extra_args
+        super().__init__(harness, argv, _attached_line_ns if sampled else _first_span_ns, out_path, emitter)
 
     def close(self) -> ToolRun:
         run = super().close()
@@ -317,15 +355,17 @@ class OphaminSession(ToolSession):
             except ValueError:
                 run.status, run.reason = "failed", f"exit {run.exit}, no JSON summary: {_tail(run.stderr)}"
                 return run
+            windows = self.windows or [(s["start_ns"], s["end_ns"]) for s in run.segments]
             run.extra = {"counters": res["counters"], "losses": res["losses"], "attach_s_reported": res["attach_s"],
                          "spans": {s["name"]: s["count"] for s in res["stats"]}, "warnings": res["warnings"],
                          "output_bytes": os.path.getsize(self.out_path) if os.path.exists(self.out_path) else 0,
-                         "per_segment": spans_by_window(self.out_path, self.windows or [
-                             (s["start_ns"], s["end_ns"]) for s in run.segments])}
+                         "per_segment": spans_by_window(self.out_path, windows),
+                         "calls_per_segment": calls_by_window(self.calls_path, windows) if self.calls_path else None}
             return run
         finally:
-            if os.path.exists(self.out_path):
-                os.unlink(self.out_path)
+            for p in (self.out_path, self.calls_path):
+                if p and os.path.exists(p):
+                    os.unlink(p)
 
 
 # ---- py-spy ---------------------------------------------------------------------------------
@@ -358,6 +398,21 @@ def pyspy(harness: Harness, pyspy_bin: str, emitter: str) -> ToolRun:
         return run
     finally:
         os.unlink(out_path)
+
+
+# ---- the bare probes (bench/peers/bare_probes.py) ---------------------------------------------
+
+def _bare_attached(out_path: str, stdout: str, stderr: str) -> int | None:
+    return time.time_ns() if "attached" in stdout else None
+
+
+def bare_probes(harness: Harness, emitter: str) -> ToolRun:
+    """Empty BPF programs on exact mode's probe sites, for one segment: the trap cost alone."""
+    argv = [str(ROOT / ".venv/bin/python"), str(ROOT / "bench" / "peers" / "bare_probes.py"), str(harness.pid)]
+    sess = ToolSession(harness, argv, _bare_attached, "", emitter)
+    if sess.ok:
+        sess.segment()
+    return sess.close()
 
 
 # ---- bcc pythoncalls -------------------------------------------------------------------------

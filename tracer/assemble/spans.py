@@ -242,7 +242,9 @@ class Assembler:
     def _exit(self, t: Target, ev: RawEvent) -> Span | None:
         o = self.open.pop(ev.frame, None)
         if o is None:
-            self.cut_at_attach[t.name] += 1
+            # The kernel knows when the call began: never (0) means before attach; a start means
+            # its entry event was dropped (ring buffer full), a loss of another kind.
+            (self.unpaired if ev.start else self.cut_at_attach)[t.name] += 1
             return None
         if o.target.target_id != t.target_id:  # both this exit's entry and o's exit were dropped
             self.unpaired[o.target.name] += 1

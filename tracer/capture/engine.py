@@ -16,6 +16,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..access import require_tracing_access, tracefs_probes_of
 from ..discover.elf import open_image
@@ -39,7 +40,7 @@ COUNTERS = ("entry_hits", "exit_hits", "target_entries", "target_exits", "droppe
             "read_faults", "stack_overflow", "classified", "eval_returns_lost", "open_full", "frame_reg_mismatch",
             "submitted", "dropped_entries", "dropped_exits", "execs")
 EV_ENTRY, EV_EXIT, EV_EXIT_EXC, EV_SUSPEND, EV_RESUME = 1, 2, 3, 4, 5
-_HEAD = struct.Struct("<QIHHIIQQ")  # struct event up to `code`
+_HEAD = struct.Struct("<QIHHIIQQQ")  # struct event up to `start`
 # The BPF function behind each probe-site role (bpf/capture.c).
 HANDLERS = {"entry": "on_entry", "exit": "on_exit", "eval-entry": "on_eval_entry", "eval-return": "on_eval_return"}
 # Attach order (detach is the reverse): every exit probe, then every entry probe, then the
@@ -65,8 +66,10 @@ def handler_for(site: ProbeSite) -> tuple[str, str]:
     return f"on_entry_{f}", f"ENTRY_AT_REG({f})"
 
 
-@dataclass(frozen=True)
-class RawEvent:
+class RawEvent(NamedTuple):
+    """One kernel event, decoded. A NamedTuple, not a dataclass: one is built per event, and
+    a frozen dataclass's __init__ costs four times as much (the reader's hot path)."""
+
     ts: int  # CLOCK_MONOTONIC ns
     tid: int
     kind: int
@@ -78,6 +81,7 @@ class RawEvent:
     args: tuple[tuple[int, int, bytes, bytes], ...]  # (obj, type, head, data)
     sched: dict | None = None
     rss: int | None = None
+    start: int = 0  # exits: the call's start in the kernel; 0 if it began before attach
 
 
 @dataclass
@@ -341,7 +345,7 @@ class CaptureEngine:
         sched_off, rss_off = (t.sched.offset, t.rss.offset) if self.with_sched else (0, 0)
 
         def decode(raw: bytes) -> RawEvent:
-            ts, tid, kind, nargs, target_id, _, frame, code = _HEAD.unpack_from(raw, 0)
+            ts, tid, kind, nargs, target_id, _, frame, code, start = _HEAD.unpack_from(raw, 0)
             exc_name = raw[exc:exc + 48].split(b"\0", 1)[0].decode(errors="replace") if kind == EV_EXIT_EXC else ""
             par_t = parents.unpack_from(raw, par) if len(raw) > par else ()
             args_t = tuple(arg.unpack_from(raw, args + arg.size * i) for i in range(nargs)) if nargs else ()
@@ -351,7 +355,7 @@ class CaptureEngine:
                 sched = {f: getattr(s, f) for f, _ in s._fields_ if f != "cpu_runs"}
                 sched["cpu_runs"] = list(s.cpu_runs)
                 rss = struct.unpack_from("<Q", raw, rss_off)[0]
-            return RawEvent(ts, tid, kind, target_id, frame, code, exc_name, par_t, args_t, sched, rss)
+            return RawEvent(ts, tid, kind, target_id, frame, code, exc_name, par_t, args_t, sched, rss, start)
 
         return decode
 
