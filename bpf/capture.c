@@ -93,8 +93,9 @@ struct tstack {
     u32 nearest[STACK_DEPTH];
 };
 
-/* Per spec target (index = target id), per CPU: the calls that ended, timed from their start. */
-struct call_stat { u64 calls; u64 errors; u64 total_ns; u64 max_ns; u64 hist[NBUCKETS]; };
+/* Per spec target (index = target id), per CPU: the calls that started since attach, and those
+ * that ended, timed from their start. */
+struct call_stat { u64 started; u64 calls; u64 errors; u64 total_ns; u64 max_ns; u64 hist[NBUCKETS]; };
 
 BPF_ARRAY(targets, struct target_cfg, 1024);
 BPF_PERCPU_ARRAY(call_stats, struct call_stat, NTARGETS);
@@ -147,6 +148,12 @@ static __always_inline void account(u32 target_id, u64 start, u64 end, int error
     if (d > s->max_ns) s->max_ns = d;
     if (error) s->errors++;
     s->hist[bucket(d)]++;
+}
+
+/* A target call started (not a resume, not a frame already open). */
+static __always_inline void count_start(u32 target_id) {
+    struct call_stat *s = call_stats.lookup(&target_id);
+    if (s) __sync_fetch_and_add(&s->started, 1);
 }
 
 static __always_inline struct event *new_event(u64 ts, u32 tid, u16 kind, u32 target_id, u64 frame, u64 code) {
@@ -321,6 +328,7 @@ int on_entry(struct pt_regs *ctx) {
     st->starts[d & (STACK_DEPTH - 1)] = kind == EV_ENTRY ? ts : 0;
     st->nearest[d & (STACK_DEPTH - 1)] = is_span(target_id) ? d + 1 : n0;
     st->depth = d + 1;
+    if (kind == EV_ENTRY) count_start(target_id);
     return emit_entry(ts, tid, kind, frame, code, target_id, p0, p1);
 }
 
@@ -423,11 +431,14 @@ static __always_inline int entry_at(struct pt_regs *ctx, u64 frame, u64 instr) {
      * open and keeps the call's start; a resume of a frame never seen starts nothing timed. */
     struct open_frame of = {.code = code, .start = oparg ? 0 : ts, .target_id = target_id,
                             .span = is_span(target_id)};
+    int started = !oparg;
     if (open_frames.insert(&frame, &of) != 0) {
         struct open_frame *cur = open_frames.lookup(&frame);
         if (!cur) count(C_OPEN_FULL);
         else if (cur->code != code) *cur = of; /* a stale entry: this address holds a new call */
+        else started = 0;                      /* this call is open already */
     }
+    if (started) count_start(target_id);
     /* The parents: the nearest callers open as span targets (scalars: the verifier refuses
      * what clang makes of a stack array indexed by a counter). */
     u64 p0 = 0, p1 = 0;

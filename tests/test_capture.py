@@ -129,6 +129,7 @@ def test_exact_counts_nesting_and_status(ebpf, interpreter, tmp_path):
     assert res.calls["status"] == "ok"
     kernel = {f["name"]: f for f in res.calls["functions"]}
     assert {k: f["calls"] for k, f in kernel.items() if f["calls"]} == counts
+    assert all(f["started"] == f["calls"] for f in kernel.values())  # nothing ran across attach or detach
     assert kernel["boom"]["errors"] == kernel["middle"]["errors"] == 3 and kernel["outer"]["errors"] == 0
     for name, n in counts.items():
         durs = sorted(s.duration_ns for s in res.spans if s.name == name)
@@ -339,6 +340,7 @@ def test_calls_log_counts_every_call_as_it_goes(ebpf, interpreter, tmp_path):
     lines = [__import__("json").loads(x) for x in log.read_text().splitlines()]
     assert len(lines) >= 3 and [x["final"] for x in lines].count(True) == 1 and lines[-1]["final"]
     seq = [x["calls"]["tick"] for x in lines]
+    assert all(x["started"]["tick"] >= x["calls"]["tick"] for x in lines)
     assert seq == sorted(seq) and any(0 < v < 40 for v in seq) and seq[-1] == 40, seq
     assert [x["time_unix_nano"] for x in lines] == sorted(x["time_unix_nano"] for x in lines)
     assert out["calls"]["functions"][0]["calls"] == 40 == out["stats"][0]["count"]

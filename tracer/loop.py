@@ -258,7 +258,8 @@ class TraceLoop:
             now = time.monotonic()
             if self._calls_log is not None and now - t.calls_at >= self.options.calls_interval:
                 t.calls_at = now
-                self._log_calls(t, t.capture.calls(), final=False)
+                t0 = time.time_ns()
+                self._log_calls(t, t.capture.calls(), t0, final=False)
             if now - t.checked >= LIVENESS_S:  # a poll and a counter read per process: not on every step
                 t.checked = now
                 checked_ns = time.monotonic_ns()
@@ -311,10 +312,13 @@ class TraceLoop:
         sys.stderr.flush()
         return hits
 
-    def _log_calls(self, t: _Live, calls: dict, final: bool) -> None:
-        """One line of the calls log: when (Unix ns), which process, each function's calls so far."""
-        line = {"time_unix_nano": time.time_ns(), "pid": t.pid, "final": final, "status": calls.get("status")}
+    def _log_calls(self, t: _Live, calls: dict, t0: int, final: bool) -> None:
+        """One line of the calls log: each function's calls so far, read between `t0` and now (Unix
+        ns): every call that ended before time_unix_nano is in, none that ended after read_end_unix_nano."""
+        line = {"time_unix_nano": t0, "read_end_unix_nano": time.time_ns(), "pid": t.pid, "final": final,
+                "status": calls.get("status")}
         if calls.get("status") == "ok":
+            line["started"] = {f["name"]: f["started"] for f in calls["functions"]}
             line["calls"] = {f["name"]: f["calls"] for f in calls["functions"]}
             line["errors"] = {f["name"]: f["errors"] for f in calls["functions"] if f["errors"]}
         else:
@@ -336,9 +340,10 @@ class TraceLoop:
             why = reason if reason.startswith("target") else f"tracer stopped ({reason})"
             self._deliver(t, t.held.release(drained + t.capture.cut_spans(t.alive_ns, why), final=True))
             counters = t.capture.counters()
+            t0 = time.time_ns()
             calls = t.capture.calls()
             if self._calls_log is not None:
-                self._log_calls(t, calls, final=True)
+                self._log_calls(t, calls, t0, final=True)
             losses = t.capture.losses()
             t.seen.update(losses.cut_at_attach, losses.orphan_events)
             stats = span_stats(s for s in t.spans if "ophamin.cut" not in s.attributes) if self.options.keep_spans \

@@ -287,9 +287,10 @@ def spans_by_window(out_path: str, windows: list[tuple[int, int]]) -> list[dict[
 
 
 def calls_by_window(log_path: str, windows: list[tuple[int, int]]) -> list[dict[str, int] | None]:
-    """Calls per function in each (start_ns, end_ns) window, from the tracer's --calls-log: the
-    first line after the window minus the last line before it (none before: zero). None for a
-    window no pair of lines brackets alone (another window falls between them too)."""
+    """Calls started per function in each (start_ns, end_ns) window, from the tracer's --calls-log: the
+    first line read wholly after the window minus the last line read wholly before it (none
+    before: zero). None for a window no pair of lines brackets alone (another window falls
+    between them too)."""
     try:
         with open(log_path) as f:
             lines = [json.loads(x) for x in f if x.strip()]
@@ -298,18 +299,20 @@ def calls_by_window(log_path: str, windows: list[tuple[int, int]]) -> list[dict[
     lines = [x for x in lines if x.get("status") == "ok"]
     out: list[dict[str, int] | None] = []
     for lo, hi in windows:
-        before = [x for x in lines if x["time_unix_nano"] < lo]
+        before = [x for x in lines if x["read_end_unix_nano"] < lo]
         after = [x for x in lines if x["time_unix_nano"] > hi]
         if not after:
             out.append(None)
             continue
         b, a = (before[-1] if before else None), after[0]
-        t0 = b["time_unix_nano"] if b else 0
+        t0 = b["read_end_unix_nano"] if b else 0
         if any(w != (lo, hi) and t0 < w[1] and w[0] < a["time_unix_nano"] for w in windows):
             out.append(None)
             continue
-        base = b["calls"] if b else {}
-        out.append({k: n - base.get(k, 0) for k, n in a["calls"].items()})
+        # Starts, as the ground truth counts: a call running across the window's end (a worker
+        # thread's loop) began in it.
+        base = b["started"] if b else {}
+        out.append({k: n - base.get(k, 0) for k, n in a["started"].items()})
     return out
 
 

@@ -7,8 +7,9 @@ its function's per-CPU record, so the count, error count, total and maximum dura
 whatever the ring lost, and quantiles come from a log-linear histogram (4 buckets per power of
 two: a reported quantile is its bucket's midpoint, within 12.5 % of the true value).
 
-Calls that began before attach are not timed (their start is unknown) and calls still running at
-detach are not ended: both are in the span losses (cut at attach / at detach) instead.
+`started` counts calls as they begin (a resume after yield/await is not one), `calls` those that
+ended. A call that began before attach is in neither (its start is unknown); one still running at
+detach is started, not ended: both are in the span losses (cut at attach / at detach) too.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _quantile(hist: tuple[int, ...], q: float) -> float:
 @dataclass(frozen=True)
 class CallStats:
     name: str
-    calls: int
+    started: int  # calls that began since attach (a resume after yield/await is not one)
+    calls: int  # calls begun since attach that ended, each timed
     errors: int  # ended by an exception
     total_ns: int
     max_ns: int
@@ -55,8 +57,9 @@ class CallStats:
         return _quantile(self.hist, q)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "calls": self.calls, "errors": self.errors, "total_ns": self.total_ns,
-                "mean_ns": self.total_ns / self.calls if self.calls else None, "max_ns": self.max_ns,
+        return {"name": self.name, "started": self.started, "calls": self.calls, "errors": self.errors,
+                "total_ns": self.total_ns, "mean_ns": self.total_ns / self.calls if self.calls else None,
+                "max_ns": self.max_ns,
                 **{f"p{int(q * 100)}_ns": self.quantile_ns(q) if self.calls else None for q in (0.5, 0.9, 0.99)}}
 
 
@@ -67,18 +70,20 @@ def read_call_stats(bpf, spec: Spec) -> list[CallStats]:
     by_name: dict[str, list] = {}
     for t in spec.targets:
         cpus = table[ctypes.c_int(t.target_id)]
+        started = sum(c.started for c in cpus)
         calls = sum(c.calls for c in cpus)
         errors = sum(c.errors for c in cpus)
         total = sum(c.total_ns for c in cpus)
         mx = max((c.max_ns for c in cpus), default=0)
         hist = [sum(c.hist[i] for c in cpus) for i in range(len(cpus[0].hist))] if calls else [0] * len(cpus[0].hist)
-        row = by_name.setdefault(t.name, [0, 0, 0, 0, [0] * len(hist)])
-        row[0] += calls
-        row[1] += errors
-        row[2] += total
-        row[3] = max(row[3], mx)
-        row[4] = [a + b for a, b in zip(row[4], hist)]
-    return [CallStats(name, r[0], r[1], r[2], r[3], tuple(r[4])) for name, r in by_name.items()]
+        row = by_name.setdefault(t.name, [0, 0, 0, 0, 0, [0] * len(hist)])
+        row[0] += started
+        row[1] += calls
+        row[2] += errors
+        row[3] += total
+        row[4] = max(row[4], mx)
+        row[5] = [a + b for a, b in zip(row[5], hist)]
+    return [CallStats(name, r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for name, r in by_name.items()]
 
 
 def calls_summary(stats: list[CallStats]) -> dict:
