@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tracer.errors import SpecError
-from tracer.otlpjson import OtlpJsonError, decode_request, dumps_line, read_spans
+from tracer.otlpjson import OtlpJsonError, decode_request, dumps_line, encode_request, read_spans
 from tracer.spec import parse_spec
 
 FUZZ = settings(max_examples=400, derandomize=True, deadline=None,
@@ -183,7 +183,11 @@ def _check_file(path: Path, data: bytes) -> None:
         return
     # Accepted: what was read writes back and reads again to the same spans.
     if spans:
-        path.write_text(dumps_line(spans, spans[0].resource, spans[0].scope))
+        line = dumps_line(spans, spans[0].resource, spans[0].scope)
+        # The text writer says what json.dumps of the request's dicts says.
+        ref = json.dumps(encode_request(spans, spans[0].resource, spans[0].scope))
+        assert json.dumps(json.loads(line), sort_keys=True) == json.dumps(json.loads(ref), sort_keys=True)
+        path.write_text(line)
         again = read_spans(str(path))
         assert _canonical(again) == _canonical(spans)
 

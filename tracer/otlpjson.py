@@ -127,8 +127,54 @@ def encode_request(spans: Iterable[Span], resource: Dict[str, Any], scope: str,
 
 def dumps_line(spans: Iterable[Span], resource: Dict[str, Any], scope: str,
                scope_version: str = "") -> str:
-    return json.dumps(encode_request(spans, resource, scope, scope_version),
-                      separators=(",", ":")) + "\n"
+    """encode_request() as one compact JSON line, written as text directly: the tracer exports
+    tens of thousands of spans a second, and building the dicts for json.dumps cost more than
+    everything else it does per span. Same JSON value as json.dumps(encode_request(...))."""
+    version = f',"version":{_q(scope_version)}' if scope_version else ""
+    return ('{"resourceSpans":[{"resource":{"attributes":[' + ",".join(_kv(k, v) for k, v in resource.items())
+            + ']},"scopeSpans":[{"scope":{"name":' + _q(scope) + version + '},"spans":['
+            + ",".join(_span_json(s) for s in spans) + "]}]}]}\n")
+
+
+_q = json.encoder.encode_basestring_ascii  # a JSON string literal (C-accelerated), as json.dumps writes it
+_KV: Dict[tuple, str] = {}  # (key, type, value) -> its KeyValue JSON: span attributes repeat (thread, function)
+_KV_MAX = 8192
+
+
+def _any_json(v: Any) -> str:
+    t = type(v)
+    if t is bool:
+        return '{"boolValue":true}' if v else '{"boolValue":false}'
+    if t is int:
+        return '{"intValue":"' + str(v) + '"}'
+    if t is str:
+        return '{"stringValue":' + _q(v) + "}"
+    return json.dumps(any_value(v), separators=(",", ":"))
+
+
+def _kv(k: str, v: Any) -> str:
+    t = type(v)
+    if t is str or t is int or t is bool:
+        key = (k, t, v)
+        out = _KV.get(key)
+        if out is None:
+            if len(_KV) >= _KV_MAX:
+                _KV.clear()
+            out = _KV[key] = '{"key":' + _q(k) + ',"value":' + _any_json(v) + "}"
+        return out
+    return '{"key":' + _q(k) + ',"value":' + _any_json(v) + "}"
+
+
+def _span_json(s: Span) -> str:
+    events = ",".join('{"timeUnixNano":"' + str(e.time_ns) + '","name":' + _q(e.name) + ',"attributes":['
+                      + ",".join(_kv(k, v) for k, v in e.attributes.items()) + "]}" for e in s.events)
+    status = '{"code":' + str(int(s.status_code)) + (',"message":' + _q(s.status_message) if s.status_message else "")
+    parent = ',"parentSpanId":' + _q(s.parent_span_id) if s.parent_span_id else ""
+    return ('{"traceId":' + _q(s.trace_id) + ',"spanId":' + _q(s.span_id) + ',"name":' + _q(s.name)
+            + ',"kind":' + str(SPAN_KIND_INTERNAL) + ',"startTimeUnixNano":"' + str(int(s.start_ns))
+            + '","endTimeUnixNano":"' + str(int(s.end_ns)) + '","attributes":['
+            + ",".join(_kv(k, v) for k, v in s.attributes.items()) + '],"events":[' + events + '],"status":'
+            + status + "}" + parent + "}")
 
 
 # ---- decoding -------------------------------------------------------------------------

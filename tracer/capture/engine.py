@@ -225,6 +225,7 @@ class CaptureEngine:
         self.info = Attached(interp, layout, plan, rules, warnings)
         self._events: list[RawEvent] = []
         self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
+        self._more = False  # the last poll stopped at MAX_EVENTS_PER_POLL: the ring holds more
         self._closed = False
         text = bpf_source("capture.c")
         lines = sorted({handler_for(s)[1] for s in plan.sites} - {""})
@@ -367,11 +368,15 @@ class CaptureEngine:
 
     def poll(self, timeout_ms: int = 100) -> list[RawEvent]:
         """Events since the last call. Waits up to `timeout_ms` for a wakeup (the kernel side
-        wakes the reader only every WAKE_EVERY events), then drains whatever is there."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        wakes the reader only every WAKE_EVERY events), then drains whatever is there; when the
+        last call stopped at its bound, the ring still holds more and it does not wait: under
+        overload most submits fail, and a wakeup due on a failed submit never comes."""
+        if not self._more:
+            self.bpf.ring_buffer_poll(timeout_ms)
         if len(self._events) < MAX_EVENTS_PER_POLL:  # the unwoken rest, up to the same bound
             self.bpf.ring_buffer_consume()
         out, self._events = self._events, []
+        self._more = len(out) >= MAX_EVENTS_PER_POLL
         return out
 
     def drain(self, max_events: int = 4 * MAX_EVENTS_PER_POLL) -> list[RawEvent]:
