@@ -640,7 +640,11 @@ NOTES = """## How to read this
   build and are compared with it, so their figures exclude the emitter's own (tiny) cost.
 - True calls seen: per function of the spec (ophamin-trace) or of the large spec (in-process
   tracers, pythoncalls), against a separate counting run; `100 % exact` = every function's count
-  equal in every repeat. py-spy samples: it sees no calls, only stacks.
+  equal in every repeat. ophamin-trace exact: "counted" is the kernel's count of calls started in
+  the segment (its --calls-log), "spans" the share that reached user space as spans. py-spy
+  samples: it sees no calls, only stacks.
+- Bare probes: exact mode's probe sites on the same workload, each running an empty BPF program;
+  exact mode's per-call cost is compared with theirs (target <= 1.25x).
 - Tracer CPU / peak RSS: an external tool's own process (CPU during the segment; peak RSS over its
   life, bcc's compile included); an in-process tracer's extra CPU and extra peak RSS in the target.
 - Attach: command start to the first span (ophamin-trace: the harness's beacon function, called
@@ -722,8 +726,11 @@ def readme_table(res: dict) -> str:
                  "lack (on Debian's 3.11 it attaches and sees 0 calls); sampled mode sees only calls long enough "
                  "to be sampled (its share counts every true call, most far shorter than the 10 ms period at "
                  "100 Hz; see [docs/sampled.md](docs/sampled.md)). "
-                 "ophamin-trace's losses are ring-buffer drops, counted and reported: the rate ladder in "
-                 "`results/peers.md` gives the event rate it sustains without loss.")
+                 "ophamin-trace exact's share is the kernel's own count of the calls that started (every call, "
+                 "whatever the ring buffer dropped; docs/capture.md); after the semicolon, the share that became "
+                 "spans: the rest are ring-buffer drops, counted and reported, and the rate ladder in "
+                 "`results/peers.md` gives the event rate it sustains without loss. The bare probes row is exact "
+                 "mode's probe sites running empty BPF programs: the trap cost it is built on.")
     return "\n".join(lines)
 
 

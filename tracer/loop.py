@@ -346,6 +346,8 @@ class TraceLoop:
                 self._log_calls(t, calls, t0, final=True)
             losses = t.capture.losses()
             t.seen.update(losses.cut_at_attach, losses.orphan_events)
+            # Called while traced, even if the ring dropped every span of it: no "never seen" warning.
+            t.seen.update(f["name"] for f in calls.get("functions", ()) if f["started"] or f["calls"])
             stats = span_stats(s for s in t.spans if "ophamin.cut" not in s.attributes) if self.options.keep_spans \
                 else t.running.stats()
             res = TraceResult(t.pid, t.capture.interpreter, tuple(t.spans), tuple(stats), losses, counters, reason,
