@@ -67,23 +67,12 @@ def read_call_stats(bpf, spec: Spec) -> list[CallStats]:
     """The kernel's `call_stats`, summed over CPUs, per span and event target of `spec` (by name:
     targets sharing a name are one row), in spec order, functions never called included."""
     table = bpf[b"call_stats"]
-    by_name: dict[str, list] = {}
+    by_name: dict[str, list] = {}  # name -> the per-CPU records of its targets
     for t in spec.targets:
-        cpus = table[ctypes.c_int(t.target_id)]
-        started = sum(c.started for c in cpus)
-        calls = sum(c.calls for c in cpus)
-        errors = sum(c.errors for c in cpus)
-        total = sum(c.total_ns for c in cpus)
-        mx = max((c.max_ns for c in cpus), default=0)
-        hist = [sum(c.hist[i] for c in cpus) for i in range(len(cpus[0].hist))] if calls else [0] * len(cpus[0].hist)
-        row = by_name.setdefault(t.name, [0, 0, 0, 0, 0, [0] * len(hist)])
-        row[0] += started
-        row[1] += calls
-        row[2] += errors
-        row[3] += total
-        row[4] = max(row[4], mx)
-        row[5] = [a + b for a, b in zip(row[5], hist)]
-    return [CallStats(name, r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for name, r in by_name.items()]
+        by_name.setdefault(t.name, []).extend(table[ctypes.c_int(t.target_id)])
+    return [CallStats(name, sum(r.started for r in rs), sum(r.calls for r in rs), sum(r.errors for r in rs),
+                      sum(r.total_ns for r in rs), max(r.max_ns for r in rs),
+                      tuple(map(sum, zip(*(r.hist for r in rs))))) for name, rs in by_name.items()]
 
 
 def calls_summary(stats: list[CallStats]) -> dict:

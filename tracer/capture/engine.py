@@ -223,6 +223,7 @@ class CaptureEngine:
         unicode_type = image.symbol("PyUnicode_Type")
         str_type = unicode_type.value + interp.bias if unicode_type is not None else 0
         self.info = Attached(interp, layout, plan, rules, warnings)
+        self._span_ids = {t.target_id for t in spec.targets if t.kind == "span"}  # event targets are never parents
         self._events: list[RawEvent] = []
         self._received = {True: 0, False: 0}  # events read from the ring: entries (True), exits
         self._more = False  # the last poll stopped at MAX_EVENTS_PER_POLL: the ring holds more
@@ -276,7 +277,7 @@ class CaptureEngine:
         for t in self.spec.targets:
             cfg = targets.Leaf()
             cfg.nargs = MAX_ARGS if t.attributes else 0
-            cfg.span = int(t.kind == "span")
+            cfg.span = int(t.target_id in self._span_ids)
             for i in range(MAX_ARGS):
                 cfg.arg_index[i] = i
             targets[ctypes.c_int(t.target_id)] = cfg
@@ -301,7 +302,7 @@ class CaptureEngine:
                     nearest = 0
                     for i, (f, target_id) in enumerate(running[: len(st.frames)]):
                         st.frames[i] = f
-                        nearest = i + 1 if self._is_span(target_id) else nearest
+                        nearest = i + 1 if target_id in self._span_ids else nearest
                         st.nearest[i] = nearest
                     stacks[ctypes.c_ulonglong(th.tstate)] = st
             return len(threads)
@@ -314,11 +315,8 @@ class CaptureEngine:
                 target_id = classify_live(self.pid, self.info, code)[0]
                 if target_id:  # start 0: began before attach, not timed
                     open_frames[ctypes.c_ulonglong(frame)] = open_frames.Leaf(code, 0, target_id,
-                                                                               int(self._is_span(target_id)))
+                                                                               int(target_id in self._span_ids))
         return len(threads)
-
-    def _is_span(self, target_id: int) -> bool:
-        return any(t.target_id == target_id and t.kind == "span" for t in self.spec.targets)
 
     def _attach(self, plan: ProbePlan, interp: Interpreter) -> None:
         verify_plan(open_image(interp.host_path), plan, self.pid, interp.bias)  # boundaries, re-proven
