@@ -108,12 +108,6 @@ def _say(msg: str) -> None:
     print(f"[bench peers] {msg}", file=sys.stderr, flush=True)
 
 
-def _env() -> dict:
-    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TERM")}
-    # One hash seed for every harness: the same dict layouts in each process.
-    return dict(keep, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
-
-
 def _timing(seg: dict) -> dict:
     return {k: seg[k] for k in ("wall_s", "cpu_s", "hwm_kb", "hwm0_kb", "start_ns", "end_ns") if k in seg}
 
@@ -138,14 +132,14 @@ class Cell:
         self.label, self.python, self.wl = label, python, wl
         self.params: dict = {}
         if wl.reference:
-            cycle_ms = calibrate_cycle_ms(python, wl.cycle_s)
+            cycle_ms = runners.calibrate_cycle_ms(python, wl.cycle_s)
             self.params = {"cycle_ms": cycle_ms, "cycles": wl.cycles}
             argv = ["--workload", "reference", "--cycle-ms", str(cycle_ms), "--cycles", str(wl.cycles)]
         else:
             self.params = {"size": wl.size}
             argv = ["--workload", wl.bench, "--size", str(wl.size)]
         self.argv = argv
-        self.h = runners.Harness(str(python), argv, _env())
+        self.h = runners.Harness(str(python), argv)
         self.sessions: dict[str, runners.OphaminSession] = {}
         self.session_info: dict[str, dict] = {}
         self.version = tuple(int(x) for x in self.h.python.split(".")[:2])
@@ -229,7 +223,7 @@ class Cell:
         what it saw is split per segment by time window when it detaches (`finish()`)."""
         sess = self.sessions.get(alt.key)
         if sess is None:
-            h = runners.Harness(str(self.python), self.argv, _env())
+            h = runners.Harness(str(self.python), self.argv)
             check = h.segment(mode="none", emitter="noop")  # the same run untraced, in this process
             extra = ("--mode", "sampled", "--hz", str(runners.PYSPY_RATE)) if alt.kind == "ophamin-sampled" else ()
             spec = self.spec_paths["large" if alt.key == "ophamin-large" else "small"]
@@ -355,7 +349,7 @@ def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], ste
     """Events per second ophamin-trace sustains without loss: a paced call of one traced
     function, one rate per step; its spans are counted per step from the output file."""
     h = runners.Harness(str(python), ["--workload", "ladder", "--rates", ",".join(map(str, rates)),
-                                      "--step-s", str(step_s)], _env())
+                                      "--step-s", str(step_s)])
     try:
         target = specs.Function("__main__", "ladder_call", h.files[0], 0)
         spec = tmp / f"{label}-ladder.toml"
@@ -387,24 +381,6 @@ def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], ste
     return {"status": "ok", "steps": out_steps, "sustained_events_per_s": sustained,
             "dropped": run.extra["counters"]["dropped"], "tool_cpu_segment_s": run.segments[0]["tool_cpu_s"],
             "segment_wall_s": run.segments[0]["wall_s"]}
-
-
-def calibrate_cycle_ms(python: Path, cycle_s: float) -> int:
-    """cycle_ms giving about `cycle_s` of CPU per cycle on this interpreter: two short runs,
-    a straight line through them (the substrate's work grows linearly with cycle_ms)."""
-    h = runners.Harness(str(python), ["--workload", "reference", "--cycle-ms", "20", "--cycles", "3"], _env())
-    try:
-        h.segment(mode="none", emitter="noop")
-        pts = []
-        for c in (20, 100):
-            r = h.segment(mode="none", emitter="noop", cycle_ms=c)
-            pts.append((c, r["cpu_s"] / 3))
-    finally:
-        h.quit()
-    (c0, t0), (c1, t1) = pts
-    slope = (t1 - t0) / (c1 - c0)
-    fixed = t0 - slope * c0
-    return max(1, round((cycle_s - fixed) / slope)) if slope > 0 else 20
 
 
 # ---- the whole run --------------------------------------------------------------------------
@@ -618,6 +594,15 @@ def targets(res: dict) -> list[str]:
     else:
         lines.append("- sampled mode: not available in this build (the trace command has no --mode); row kept, "
                      "figures pending")
+    ab_path = ROOT / "results" / "pyspy_ab.json"
+    if ab_path.exists():  # three repeats cannot decide a one-point difference: the A/B does
+        ab = json.loads(ab_path.read_text())
+        lines.append(f"- A/B, `scripts/bench pyspy_ab` ({ab['repeats']} repeats, each tool attached afresh to the "
+                     "same process): sampled minus py-spy wall overhead, median (95 % CI):")
+        lines += [f"  - {c['python']} {c['workload']}: {c['diff_pct']['median']:+.2f} points "
+                  f"({c['diff_pct']['ci95'][0]:+.2f}, {c['diff_pct']['ci95'][1]:+.2f}): {c['verdict']}"
+                  if c["status"] == "ok" else f"  - {c['python']} {c['workload']}: {c['status']}"
+                  for c in ab["cells"]]
     ok_rates = [(c["alternatives"][k], c) for c in res["cells"] for k in ("ophamin-small", "ophamin-large")
                 if c["alternatives"].get(k, {}).get("status") == "ok"]
     clean = [f["events_per_s"]["max"] for f, _ in ok_rates if f.get("events_per_s") and f["lost_events"]["max"] == 0]

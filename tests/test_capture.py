@@ -368,10 +368,16 @@ def test_a_dropped_exit_never_lends_its_start_to_another_call():
     spec = parse_spec('[[span]]\nfunction = "m:a"\n[[span]]\nfunction = "m:b"\n')
     asm = Assembler(spec, os.getpid(), layout_from_table((3, 12, 0)), TypeAddrs({}, -1, -1, -1), Clock())
 
-    def ev(ts, kind, target, frame=0x1000, code=0x2000):
-        return RawEvent(ts, 7, kind, target, frame, code + target, "", (0, 0), ())
+    def ev(ts, kind, target, start=0, frame=0x1000, code=0x2000):
+        return RawEvent(ts, 7, kind, target, frame, code + target, "", (0, 0), (), start=start)
 
-    done = asm.feed([ev(1, EV_ENTRY, 1), ev(5, EV_ENTRY, 2), ev(9, EV_EXIT, 2),  # a's exit dropped
-                     ev(20, EV_ENTRY, 1), ev(30, EV_EXIT, 2)])  # a's exit and b's entry dropped
+    done = asm.feed([ev(1, EV_ENTRY, 1), ev(5, EV_ENTRY, 2), ev(9, EV_EXIT, 2, start=5),  # a's exit dropped
+                     ev(20, EV_ENTRY, 1), ev(30, EV_EXIT, 2, start=25)])  # a's exit and b's entry dropped
     assert [(s.name, s.end_ns - s.start_ns) for s in done] == [("b", 4)]
     assert asm.losses().unpaired == {"a": 2, "b": 1}
+    # The same function: a's exit dropped, then a's next call at that address loses its entry.
+    # Its exit names its own start: no span from the first call's entry to the second's exit.
+    done = asm.feed([ev(40, EV_ENTRY, 1), ev(50, EV_ENTRY, 1, frame=0x3000), ev(60, EV_EXIT, 1, start=55),
+                     ev(70, EV_EXIT, 1, start=50, frame=0x3000)])
+    assert [(s.name, s.end_ns - s.start_ns) for s in done] == [("a", 20)]
+    assert asm.losses().unpaired == {"a": 4, "b": 1}

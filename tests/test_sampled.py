@@ -70,9 +70,9 @@ def test_walk_names_the_functions_on_a_deep_stack(ebpf, interpreter):
 
 IDLE_C = r'''
 import sys
-print("ready", flush=True); sys.stdin.readline()
+print("ready", flush=True); sys.stdin.buffer.readline()  # bytes: no Python decoder frame
 x = sum(range(60_000_000))  # C code under a frame that is not a spec function
-print("done", flush=True); sys.stdin.readline()
+print("done", flush=True); sys.stdin.buffer.readline()
 '''
 
 

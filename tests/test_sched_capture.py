@@ -75,18 +75,28 @@ def trace_driver(python: str, cycles: int, cycle_ms: int):
             p.wait()
 
 
+def steal_ns() -> int:
+    """Time the hypervisor took from this VM's CPUs so far (/proc/stat, all CPUs)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
 def test_cycle_cpu_agrees_with_the_process_accounting(ebpf, interpreter):
     _interp, python = interpreter
+    st0 = steal_ns()
     res, rows = trace_driver(python, CYCLES, 50)
+    # The slice open at a snapshot is timed on the monotonic clock, so steal inside it reads as
+    # on-CPU, which the process's accounting (steal excluded) does not: allow what was stolen.
+    slack = steal_ns() - st0
     cycles = sorted((s for s in res.spans if s.name == "takwin.cycle"), key=lambda s: s.start_ns)
     assert len(cycles) == len(rows) == CYCLES, res.losses
     for row, span in zip(rows, cycles):
         a = span.attributes
         own, other = a[A_ON_CPU], a[A_OTHER_ON_CPU]
         # The cycle thread's own time, and with the worker's the whole process's, per cycle.
-        assert abs(own - row["main_ns"]) <= 0.02 * row["main_ns"], (row, a, res.counters)
+        assert abs(own - row["main_ns"]) <= 0.02 * row["main_ns"] + slack, (row, a, slack, res.counters)
         ref = row["main_ns"] + row["worker_ns"]
-        assert abs(own + other - ref) <= 0.02 * ref, (row, a, res.counters)
+        assert abs(own + other - ref) <= 0.02 * ref + slack, (row, a, slack, res.counters)
     for span in res.spans:
         a = span.attributes
         # Every span's thread time is partitioned: on a CPU, waiting for one, or asleep.

@@ -36,7 +36,10 @@ class HarnessError(RuntimeError):
 class Harness:
     """One running harness process (one interpreter, one workload)."""
 
-    def __init__(self, python: str, argv: list[str], env: dict) -> None:
+    def __init__(self, python: str, argv: list[str]) -> None:
+        keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TERM")}
+        # One hash seed for every harness: the same dict layouts in each process.
+        env = dict(keep, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
         self.proc = subprocess.Popen([python, str(Path(__file__).with_name("harness.py")), *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=str(ROOT))
@@ -78,6 +81,24 @@ class Harness:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+
+
+def calibrate_cycle_ms(python: Path, cycle_s: float) -> int:
+    """cycle_ms giving about `cycle_s` of CPU per cycle on this interpreter: two short runs,
+    a straight line through them (the substrate's work grows linearly with cycle_ms)."""
+    h = Harness(str(python), ["--workload", "reference", "--cycle-ms", "20", "--cycles", "3"])
+    try:
+        h.segment(mode="none", emitter="noop")
+        pts = []
+        for c in (20, 100):
+            r = h.segment(mode="none", emitter="noop", cycle_ms=c)
+            pts.append((c, r["cpu_s"] / 3))
+    finally:
+        h.quit()
+    (c0, t0), (c1, t1) = pts
+    slope = (t1 - t0) / (c1 - c0)
+    fixed = t0 - slope * c0
+    return max(1, round((cycle_s - fixed) / slope)) if slope > 0 else 20
 
 
 def _family(pid: int) -> list[int]:
@@ -346,7 +367,40 @@ class OphaminSession(ToolSession):
         if calls_log:
             argv += ["--calls-log", self.calls_path, "--calls-interval", "0.1"]
         sampled = "sampled" in extra_args
+        self._log_at = 0  # how far the calls log has been read
         super().__init__(harness, argv, _attached_line_ns if sampled else _first_span_ns, out_path, emitter)
+
+    def segment(self) -> dict:
+        """As ToolSession's, but with the calls log, each window is bracketed by log lines read
+        after the workload was prepared and after the run ended: preparing the next segment (a new
+        Takwin, a fresh module import) runs functions of the spec, and those calls must not fall
+        in a window the ground truth, which counts `run()` alone, is compared with."""
+        if not self.calls_path:
+            return super().segment()
+        if not self._waiting:
+            self.harness.begin_wait(mode="none", emitter=self.emitter)
+            self._waiting = True
+        self._await_log_line(time.time_ns())
+        seg = super().segment()
+        self._await_log_line(seg["end_ns"])
+        return seg
+
+    def _await_log_line(self, after_ns: int, timeout: float = 10.0) -> None:
+        """Block until the calls log has a line whose read began after `after_ns`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.child.exit is None:
+            try:
+                with open(self.calls_path) as f:
+                    f.seek(self._log_at)
+                    for line in f:
+                        if not line.endswith("\n"):
+                            break  # a line still being written
+                        self._log_at += len(line.encode())
+                        if json.loads(line).get("time_unix_nano", 0) > after_ns:
+                            return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
 
     def close(self) -> ToolRun:
         run = super().close()

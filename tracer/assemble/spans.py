@@ -101,6 +101,7 @@ class _Open:
     suspensions: int = 0
     sched0: dict | None = None
     rss0: int | None = None
+    ts: int = 0  # the entry's kernel timestamp: the start its exit event names
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class Assembler:
         self.open[ev.frame] = _Open(
             t, _span_id(), parent.trace_id if parent else _trace_id(),
             parent.span_id if parent else "", self.clock.unix(ev.ts), ev.tid, attrs,
-            sched0=ev.sched, rss0=ev.rss)
+            sched0=ev.sched, rss0=ev.rss, ts=ev.ts)
 
     def _exit(self, t: Target, ev: RawEvent) -> Span | None:
         o = self.open.pop(ev.frame, None)
@@ -246,7 +247,9 @@ class Assembler:
             # its entry event was dropped (ring buffer full), a loss of another kind.
             (self.unpaired if ev.start else self.cut_at_attach)[t.name] += 1
             return None
-        if o.target.target_id != t.target_id:  # both this exit's entry and o's exit were dropped
+        if o.target.target_id != t.target_id or (ev.start and ev.start != o.ts):
+            # Two calls at one frame address: o's exit and this exit's entry were both dropped
+            # (the same function called again reuses the address; the kernel's start tells them apart).
             self.unpaired[o.target.name] += 1
             self.unpaired[t.name] += 1
             return None

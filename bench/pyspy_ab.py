@@ -1,0 +1,171 @@
+"""Benchmark: ophamin-trace's sampled mode against py-spy at the same rate, many repeats.
+
+    scripts/bench pyspy_ab [--pythons pyenv-3.11.7,pyenv-3.12.1] [--workloads ref-50,richards,deltablue]
+                           [--repeats 12] [--segment-s 1.0]
+
+#10's target: sampled mode costs no more wall time than `py-spy record --pid` at 100 Hz. The
+peers table cannot decide that: three repeats, and ophamin-trace on a harness process of its
+own. Here one harness process per workload runs, repeat after repeat in a rotated order,
+untraced, py-spy and ophamin-trace sampled (each tool attached afresh for its one segment, to
+that same process), and untraced again. Each tool's overhead is its wall over the mean of the
+repeat's two untraced runs; the figure is the paired difference, sampled minus py-spy, per
+repeat: its median and a bootstrap 95 % interval of that median. Verdict: MET when the median
+is <= 0, NOT MET when the whole interval is above 0, otherwise not resolved at this noise.
+Writes results/pyspy_ab.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from peers import figures, runners, specs, venvs  # noqa: E402
+
+from tracer.interpreters import find_interpreters  # noqa: E402
+
+SAMPLED_ARGS = ("--mode", "sampled", "--hz", str(runners.PYSPY_RATE))
+ORDERS = (("untraced", "py-spy", "sampled"), ("untraced", "sampled", "py-spy"))
+
+
+def _say(msg: str) -> None:
+    print(f"[bench pyspy_ab] {msg}", file=sys.stderr, flush=True)
+
+
+def harness_argv(python: Path, workload: str, segment_s: float) -> tuple[list[str], str]:
+    """The harness arguments giving a segment of about `segment_s`, and the small spec's key."""
+    if workload == "ref-50":
+        cycle_ms = runners.calibrate_cycle_ms(python, 0.05)
+        return ["--workload", "reference", "--cycle-ms", str(cycle_ms),
+                "--cycles", str(max(1, round(segment_s / 0.05)))], "reference"
+    h = runners.Harness(str(python), ["--workload", workload, "--size", "1"])
+    try:
+        h.segment(mode="none")  # warm-up
+        one = h.segment(mode="none")["wall_s"]
+    finally:
+        h.quit()
+    return ["--workload", workload, "--size", str(max(1, math.ceil(segment_s / one)))], workload
+
+
+def one_run(kind: str, h: runners.Harness, pyspy: str, spec: str) -> dict:
+    if kind == "untraced":
+        seg = h.segment(mode="none", emitter="noop")
+        return {"status": "ok", "wall_s": seg["wall_s"]}
+    if kind == "py-spy":
+        run = runners.pyspy(h, pyspy, "noop")
+    else:
+        sess = runners.OphaminSession(h, spec, "noop", SAMPLED_ARGS, calls_log=False)
+        if sess.ok:
+            sess.segment()
+        run = sess.close()
+    out = {"status": run.status, "reason": run.reason, "attach_s": run.attach_s}
+    if run.segments:
+        seg = run.segments[0]
+        out.update(wall_s=seg["wall_s"], tool_cpu_s=seg["tool_cpu_s"])
+    return out
+
+
+def median_ci(xs: list[float], rounds: int = 4000, seed: int = 1) -> tuple[float, float, float]:
+    """The median, and a percentile-bootstrap 95 % interval of it."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(rounds))
+    return statistics.median(xs), meds[int(0.025 * rounds)], meds[int(0.975 * rounds) - 1]
+
+
+def cell(label: str, python: Path, workload: str, repeats: int, segment_s: float, tmp: Path) -> dict:
+    argv, small_key = harness_argv(python, workload, segment_s)
+    h = runners.Harness(str(python), argv)
+    try:
+        spec = tmp / f"{label}-{workload}-small.toml"
+        spec.write_text(specs.toml(specs.small_spec(small_key, h.files), f"pyspy-ab-{workload}"))
+        h.segment(mode="none")  # warm-up
+        reps = []
+        for r in range(repeats):
+            runs = {k: [] for k in ORDERS[0]}
+            for kind in (*ORDERS[r % 2], "untraced"):
+                runs[kind].append(one_run(kind, h, str(venvs.pyspy(python)), str(spec)))
+            bad = [x for rs in runs.values() for x in rs if x["status"] != "ok"]
+            if bad:
+                return {"status": bad[0]["status"], "reason": bad[0].get("reason", "")}
+            base = statistics.mean(x["wall_s"] for x in runs["untraced"])
+            reps.append({"untraced_s": base, **{k: dict(runs[k][0], overhead_pct=100 * (runs[k][0]["wall_s"] / base - 1))
+                                                 for k in ("py-spy", "sampled")}})
+            _say(f"{label} {workload}: repeat {r + 1}/{repeats}: py-spy {reps[-1]['py-spy']['overhead_pct']:+.2f} %, "
+                 f"sampled {reps[-1]['sampled']['overhead_pct']:+.2f} %")
+    finally:
+        h.quit()
+    diff = [x["sampled"]["overhead_pct"] - x["py-spy"]["overhead_pct"] for x in reps]
+    med, lo, hi = median_ci(diff)
+    verdict = "MET" if med <= 0 else ("NOT MET" if lo > 0 else "not resolved")
+    per = {k: {"overhead_pct": figures.spread([x[k]["overhead_pct"] for x in reps]),
+               "tool_cpu_per_s": figures.spread([x[k]["tool_cpu_s"] / x[k]["wall_s"] for x in reps
+                                                 if x[k].get("tool_cpu_s") is not None]),
+               "attach_s": figures.spread([x[k]["attach_s"] for x in reps])} for k in ("py-spy", "sampled")}
+    return {"status": "ok", "argv": argv, "untraced_s": figures.spread([x["untraced_s"] for x in reps]),
+            "tools": per, "diff_pct": {"median": med, "ci95": [lo, hi], "n": len(diff)}, "verdict": verdict,
+            "repeats": reps}
+
+
+def markdown(res: dict) -> str:
+    rows = ["| interpreter | workload | segment, s | py-spy overhead % | sampled overhead % | sampled − py-spy, "
+            "points (95 % CI) | verdict | tracer CPU per s: py-spy / sampled |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in res["cells"]:
+        if c["status"] != "ok":
+            rows.append(f"| {c['python']} | {c['workload']} | {c['status']}: {c.get('reason', '')} |||||")
+            continue
+        t, d = c["tools"], c["diff_pct"]
+
+        def ov(k: str, t: dict = t) -> str:
+            s = t[k]["overhead_pct"]
+            return f"{s['median']:+.2f} [{s['p25']:+.2f}, {s['p75']:+.2f}]"
+
+        def cpu(k: str, t: dict = t) -> str:
+            s = t[k]["tool_cpu_per_s"]
+            return f"{1000 * s['median']:.0f} ms" if s else "n/a"
+
+        rows.append(f"| {c['python']} | {c['workload']} | {c['untraced_s']['median']:.2f} | {ov('py-spy')} | "
+                    f"{ov('sampled')} | {d['median']:+.2f} ({d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}) | "
+                    f"{c['verdict']} | {cpu('py-spy')} / {cpu('sampled')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pythons", default="pyenv-3.11.7,pyenv-3.12.1")
+    ap.add_argument("--workloads", default="ref-50,richards,deltablue")
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--segment-s", type=float, default=1.0)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args()
+    interps = {i.label: i for i in find_interpreters()}
+    labels = [x for x in args.pythons.split(",") if x]
+    missing = [x for x in labels if x not in interps]
+    if missing:
+        raise SystemExit(f"bench pyspy_ab: no interpreter {missing[0]!r} here (have: {', '.join(sorted(interps))})")
+    out = Path(args.out)
+    tmp = out / "peers-specs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    cells = []
+    for lb in labels:
+        py = venvs.ensure(lb, interps[lb].path)
+        for w in (x for x in args.workloads.split(",") if x):
+            cells.append(dict(cell(lb, py, w, args.repeats, args.segment_s, tmp), python=lb, workload=w))
+    res = {"elapsed_s": time.monotonic() - t0, "rate_hz": runners.PYSPY_RATE, "repeats": args.repeats, "cells": cells}
+    (out / "pyspy_ab.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(markdown(res))
+    _say(f"{res['elapsed_s'] / 60:.1f} min; wrote {out / 'pyspy_ab.json'}")
+
+
+if __name__ == "__main__":
+    main()
