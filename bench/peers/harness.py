@@ -54,6 +54,14 @@ def _hwm_kb() -> int:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
 
 
+def _schedstat() -> tuple[int, int]:
+    """This thread's time on a CPU and waiting on a run queue, ns (the kernel's schedstat).
+    The rest of a segment's wall time the thread was off both: blocked, or stopped by a tool."""
+    with open("/proc/thread-self/schedstat") as f:
+        run, wait, _ = f.read().split()
+    return int(run), int(wait)
+
+
 def _reset_hwm() -> None:
     # "5" resets the peak RSS the kernel keeps for this process (Linux >= 4.0), so each
     # segment's peak is its own.
@@ -392,15 +400,18 @@ def segment(work, cmd: dict) -> dict:
     if peer is not None:
         peer.start()
     t0_ns = time.time_ns()
+    s0 = _schedstat()
     c0, w0 = time.process_time(), time.perf_counter()
     work.run()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    s1 = _schedstat()
     t1_ns = time.time_ns()
     if peer is not None:
         peer.stop()
     # start_ns/end_ns: the run's window on the wall clock, so a tool attached across several
     # segments can have its spans counted per segment.
-    out.update(wall_s=wall, cpu_s=cpu, hwm_kb=_hwm_kb(), hwm0_kb=hwm0, start_ns=t0_ns, end_ns=t1_ns)
+    out.update(wall_s=wall, cpu_s=cpu, hwm_kb=_hwm_kb(), hwm0_kb=hwm0, start_ns=t0_ns, end_ns=t1_ns,
+               on_cpu_ns=s1[0] - s0[0], run_queue_ns=s1[1] - s0[1])
     if mode == "count":
         out["counts"] = _per_code(peer.starts, peer.resumes, files)
         out["starts_all"] = sum(peer.starts.values())
