@@ -594,15 +594,7 @@ def targets(res: dict) -> list[str]:
     else:
         lines.append("- sampled mode: not available in this build (the trace command has no --mode); row kept, "
                      "figures pending")
-    ab_path = ROOT / "results" / "pyspy_ab.json"
-    if ab_path.exists():  # three repeats cannot decide a one-point difference: the A/B does
-        ab = json.loads(ab_path.read_text())
-        lines.append(f"- A/B, `scripts/bench pyspy_ab` ({ab['repeats']} repeats, each tool attached afresh to the "
-                     "same process): sampled minus py-spy wall overhead, median (95 % CI):")
-        lines += [f"  - {c['python']} {c['workload']}: {c['diff_pct']['median']:+.2f} points "
-                  f"({c['diff_pct']['ci95'][0]:+.2f}, {c['diff_pct']['ci95'][1]:+.2f}): {c['verdict']}"
-                  if c["status"] == "ok" else f"  - {c['python']} {c['workload']}: {c['status']}"
-                  for c in ab["cells"]]
+    lines += pyspy_ab_lines()
     ok_rates = [(c["alternatives"][k], c) for c in res["cells"] for k in ("ophamin-small", "ophamin-large")
                 if c["alternatives"].get(k, {}).get("status") == "ok"]
     clean = [f["events_per_s"]["max"] for f, _ in ok_rates if f.get("events_per_s") and f["lost_events"]["max"] == 0]
@@ -651,6 +643,27 @@ def write_readme(md_table: str, res: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def pyspy_ab_lines() -> list[str]:
+    """What `scripts/bench pyspy_ab` last found (three repeats here cannot decide a difference of a
+    point: it runs many, each tool attached afresh to one process), as markdown list items."""
+    path = ROOT / "results" / "pyspy_ab.json"
+    if not path.exists():
+        return []
+    ab = json.loads(path.read_text())
+    out = [f"- Sampled mode against py-spy, `scripts/bench pyspy_ab` ({ab['repeats']} repeats): target time "
+           "each takes per second of run (py-spy: the thread stopped; sampled: stopped plus its BPF run time), "
+           "and sampled minus py-spy wall overhead, median (95 % CI):"]
+    for c in ab["cells"]:
+        if c["status"] != "ok":
+            out.append(f"  - {c['python']} {c['workload']}: {c['status']}: {c.get('reason', '')}")
+            continue
+        t, d = c["tools"], c["diff_pct"]
+        out.append(f"  - {c['python']} {c['workload']}: py-spy {t['py-spy']['taken_ms_per_s']['median']:.1f} ms/s, "
+                   f"sampled {t['sampled']['taken_ms_per_s']['median']:.2f} ms/s ({c['taken_verdict']}); wall "
+                   f"{d['median']:+.2f} points ({d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}): {c['verdict']}")
+    return out
 
 
 def readme_table(res: dict) -> str:
@@ -707,6 +720,9 @@ def readme_table(res: dict) -> str:
             per_call.append(f"{c['workload']}: " + ", ".join(parts))
         if per_call:
             lines += ["Per call, target CPU: " + "; ".join(per_call) + ".", ""]
+    ab = pyspy_ab_lines()
+    if ab:
+        lines += [*ab, ""]
     lines.append("n/a: sys.monitoring exists from 3.12; bcc's pythoncalls needs USDT probes, which these builds "
                  "lack (on Debian's 3.11 it attaches and sees 0 calls); sampled mode sees only calls long enough "
                  "to be sampled (its share counts every true call, most far shorter than the 10 ms period at "
