@@ -653,8 +653,9 @@ def pyspy_ab_lines() -> list[str]:
         return []
     ab = json.loads(path.read_text())
     out = [f"- Sampled mode against py-spy, `scripts/bench pyspy_ab` ({ab['repeats']} repeats): target time "
-           "each takes per second of run (py-spy: the thread stopped; sampled: stopped plus its BPF run time), "
-           "and sampled minus py-spy wall overhead, median (95 % CI):"]
+           "each takes per second of run (py-spy: the thread stopped; sampled: stopped plus its BPF run time; "
+           "both minus the untraced runs' own time off a CPU, which the substrate's pacing makes noisy, so a "
+           "figure can fall below 0 there), and sampled minus py-spy wall overhead, median (95 % CI):"]
     for c in ab["cells"]:
         if c["status"] != "ok":
             out.append(f"  - {c['python']} {c['workload']}: {c['status']}: {c.get('reason', '')}")
