@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pyspy_ab  # noqa: E402
 from peers import figures, runners, specs, venvs  # noqa: E402
-
-from tracer.interpreters import find_interpreters  # noqa: E402
 
 DEFAULT_PYTHONS = ("pyenv-3.11.7", "pyenv-3.12.1")
 CAPTURE_JSON = ROOT / "results" / "capture.json"
@@ -388,16 +387,12 @@ def rate_ladder(label: str, python: Path, tmp: Path, rates: tuple[int, ...], ste
 def run(args: argparse.Namespace) -> dict:
     load0 = os.getloadavg()
     t_start = time.monotonic()
-    interps = {i.label: i for i in find_interpreters()}
-    labels = [x for x in args.pythons.split(",") if x]
-    missing = [x for x in labels if x not in interps]
-    if missing:
-        raise SystemExit(f"bench peers: no interpreter {missing[0]!r} here (have: {', '.join(sorted(interps))})")
     keys = [w for w in args.workloads.split(",") if w]
     bad = [w for w in keys if w not in WORKLOADS]
     if bad:
         raise SystemExit(f"bench peers: unknown workload {bad[0]!r} (known: {', '.join(WORKLOADS)})")
-    pythons = {lb: venvs.ensure(lb, interps[lb].path) for lb in labels}
+    pythons = venvs.pythons(args.pythons, "bench peers")
+    labels = list(pythons)
     t_setup = time.monotonic() - t_start
     caps = {"modes": runners.tracer_modes()}
     tmp = ROOT / "results" / "peers-specs"
@@ -594,7 +589,7 @@ def targets(res: dict) -> list[str]:
     else:
         lines.append("- sampled mode: not available in this build (the trace command has no --mode); row kept, "
                      "figures pending")
-    lines += pyspy_ab_lines()
+    lines += pyspy_ab.summary_lines()
     ok_rates = [(c["alternatives"][k], c) for c in res["cells"] for k in ("ophamin-small", "ophamin-large")
                 if c["alternatives"].get(k, {}).get("status") == "ok"]
     clean = [f["events_per_s"]["max"] for f, _ in ok_rates if f.get("events_per_s") and f["lost_events"]["max"] == 0]
@@ -643,28 +638,6 @@ def write_readme(md_table: str, res: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
-
-
-def pyspy_ab_lines() -> list[str]:
-    """What `scripts/bench pyspy_ab` last found (three repeats here cannot decide a difference of a
-    point: it runs many, each tool attached afresh to one process), as markdown list items."""
-    path = ROOT / "results" / "pyspy_ab.json"
-    if not path.exists():
-        return []
-    ab = json.loads(path.read_text())
-    out = [f"- Sampled mode against py-spy, `scripts/bench pyspy_ab` ({ab['repeats']} repeats): target time "
-           "each takes per second of run (py-spy: the thread stopped; sampled: stopped plus its BPF run time; "
-           "both minus the untraced runs' own time off a CPU, which the substrate's pacing makes noisy, so a "
-           "figure can fall below 0 there), and sampled minus py-spy wall overhead, median (95 % CI):"]
-    for c in ab["cells"]:
-        if c["status"] != "ok":
-            out.append(f"  - {c['python']} {c['workload']}: {c['status']}: {c.get('reason', '')}")
-            continue
-        t, d = c["tools"], c["diff_pct"]
-        out.append(f"  - {c['python']} {c['workload']}: py-spy {t['py-spy']['taken_ms_per_s']['median']:.1f} ms/s, "
-                   f"sampled {t['sampled']['taken_ms_per_s']['median']:.2f} ms/s ({c['taken_verdict']}); wall "
-                   f"{d['median']:+.2f} points ({d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}): {c['verdict']}")
-    return out
 
 
 def readme_table(res: dict) -> str:
@@ -721,7 +694,7 @@ def readme_table(res: dict) -> str:
             per_call.append(f"{c['workload']}: " + ", ".join(parts))
         if per_call:
             lines += ["Per call, target CPU: " + "; ".join(per_call) + ".", ""]
-    ab = pyspy_ab_lines()
+    ab = pyspy_ab.summary_lines()
     if ab:
         lines += [*ab, ""]
     lines.append("n/a: sys.monitoring exists from 3.12; bcc's pythoncalls needs USDT probes, which these builds "

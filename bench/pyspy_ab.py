@@ -42,8 +42,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from everyday import _enable_bpf_stats  # noqa: E402
 from peers import figures, runners, specs, venvs  # noqa: E402
 
-from tracer.interpreters import find_interpreters  # noqa: E402
-
 SAMPLED_ARGS = ("--mode", "sampled", "--hz", str(runners.PYSPY_RATE))
 ORDERS = (("untraced", "py-spy", "sampled"), ("untraced", "sampled", "py-spy"))
 
@@ -179,6 +177,28 @@ def markdown(res: dict) -> str:
     return "\n".join(rows)
 
 
+def summary_lines() -> list[str]:
+    """What this benchmark last found, as markdown list items, for `scripts/bench peers` (whose
+    three repeats cannot decide a difference of a point) to put in its targets and the README."""
+    path = ROOT / "results" / "pyspy_ab.json"
+    if not path.exists():
+        return []
+    ab = json.loads(path.read_text())
+    out = [f"- Sampled mode against py-spy, `scripts/bench pyspy_ab` ({ab['repeats']} repeats): target time "
+           "each takes per second of run (py-spy: the thread stopped; sampled: stopped plus its BPF run time; "
+           "both minus the untraced runs' own time off a CPU, which the substrate's pacing makes noisy, so a "
+           "figure can fall below 0 there), and sampled minus py-spy wall overhead, median (95 % CI):"]
+    for c in ab["cells"]:
+        if c["status"] != "ok":
+            out.append(f"  - {c['python']} {c['workload']}: {c['status']}: {c.get('reason', '')}")
+            continue
+        t, d = c["tools"], c["diff_pct"]
+        out.append(f"  - {c['python']} {c['workload']}: py-spy {t['py-spy']['taken_ms_per_s']['median']:.1f} ms/s, "
+                   f"sampled {t['sampled']['taken_ms_per_s']['median']:.2f} ms/s ({c['taken_verdict']}); wall "
+                   f"{d['median']:+.2f} points ({d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}): {c['verdict']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pythons", default="pyenv-3.11.7,pyenv-3.12.1")
@@ -187,11 +207,7 @@ def main() -> None:
     ap.add_argument("--segment-s", type=float, default=1.0)
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args()
-    interps = {i.label: i for i in find_interpreters()}
-    labels = [x for x in args.pythons.split(",") if x]
-    missing = [x for x in labels if x not in interps]
-    if missing:
-        raise SystemExit(f"bench pyspy_ab: no interpreter {missing[0]!r} here (have: {', '.join(sorted(interps))})")
+    pythons = venvs.pythons(args.pythons, "bench pyspy_ab")
     out = Path(args.out)
     tmp = out / "peers-specs"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -199,8 +215,7 @@ def main() -> None:
     cells = []
     stats_fd = _enable_bpf_stats()
     try:
-        for lb in labels:
-            py = venvs.ensure(lb, interps[lb].path)
+        for lb, py in pythons.items():
             for w in (x for x in args.workloads.split(",") if x):
                 cells.append(dict(cell(lb, py, w, args.repeats, args.segment_s, tmp), python=lb, workload=w))
     finally:

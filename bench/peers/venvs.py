@@ -51,3 +51,18 @@ def ensure(label: str, base_python: str) -> Path:
 
 def pyspy(python: Path) -> Path:
     return python.parent / "py-spy"
+
+
+def pythons(labels_csv: str, who: str) -> dict[str, Path]:
+    """The peers venv's python per interpreter label (comma-separated), each venv made if needed;
+    an unknown label is a one-line error naming the ones this machine has."""
+    sys.path.insert(0, str(ROOT))
+    from tracer.interpreters import find_interpreters  # noqa: PLC0415
+
+    interps = {i.label: i for i in find_interpreters()}
+    labels = [x for x in labels_csv.split(",") if x]
+    missing = [x for x in labels if x not in interps]
+    if missing:
+        raise SystemExit(f"{who}: no interpreter {missing[0]!r} here (have: {', '.join(sorted(interps))})")
+    return {lb: ensure(lb, interps[lb].path) for lb in labels}
+
