@@ -243,6 +243,7 @@ class ToolSession:
         if not self._waiting:
             self.harness.begin_wait(mode="none", emitter=self.emitter)
         self._waiting = False
+        self._prepared()
         family = _family(self.child.pid)
         c0 = [_cpu_s(p) for p in family]
         seg = self.harness.go()
@@ -250,7 +251,14 @@ class ToolSession:
         both = [(a, b) for a, b in zip(c0, c1) if a is not None and b is not None]
         seg["tool_cpu_s"] = sum(b - a for a, b in both) if both else None
         self.run.segments.append(seg)
+        self._ran(seg)
         return seg
+
+    def _prepared(self) -> None:
+        """Called once the harness has prepared the workload, just before the timed run."""
+
+    def _ran(self, seg: dict) -> None:
+        """Called after the timed run, before the harness may prepare the next one."""
 
     def close(self) -> ToolRun:
         run = self.run
@@ -370,20 +378,17 @@ class OphaminSession(ToolSession):
         self._log_at = 0  # how far the calls log has been read
         super().__init__(harness, argv, _attached_line_ns if sampled else _first_span_ns, out_path, emitter)
 
-    def segment(self) -> dict:
-        """As ToolSession's, but with the calls log, each window is bracketed by log lines read
-        after the workload was prepared and after the run ended: preparing the next segment (a new
-        Takwin, a fresh module import) runs functions of the spec, and those calls must not fall
-        in a window the ground truth, which counts `run()` alone, is compared with."""
-        if not self.calls_path:
-            return super().segment()
-        if not self._waiting:
-            self.harness.begin_wait(mode="none", emitter=self.emitter)
-            self._waiting = True
-        self._await_log_line(time.time_ns())
-        seg = super().segment()
-        self._await_log_line(seg["end_ns"])
-        return seg
+    # With the calls log, each window is bracketed by log lines read after the workload was
+    # prepared and after the run ended: preparing the next segment (a new Takwin, a fresh module
+    # import) runs functions of the spec, and those calls must not fall in a window the ground
+    # truth, which counts `run()` alone, is compared with.
+    def _prepared(self) -> None:
+        if self.calls_path:
+            self._await_log_line(time.time_ns())
+
+    def _ran(self, seg: dict) -> None:
+        if self.calls_path:
+            self._await_log_line(seg["end_ns"])
 
     def _await_log_line(self, after_ns: int, timeout: float = 10.0) -> None:
         """Block until the calls log has a line whose read began after `after_ns`."""
